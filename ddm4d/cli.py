@@ -1,0 +1,55 @@
+"""`ddm4d` command line: train | generate | evaluate | phantom.
+
+Each command lives in its own module exposing ``add_arguments(parser)`` and ``main(args) -> int``;
+modules are imported only when their command runs, so `ddm4d phantom` never pays for torch start-up
+of the others. User mistakes (:class:`ddm4d.errors.InputError`) exit with code 2 and one line.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import InputError
+
+COMMANDS = {
+    "train": ("ddm4d.train", "train a DDM on an ACDC-layout folder or a pairs CSV"),
+    "generate": ("ddm4d.generate", "generate intermediate frames between a source and a target volume"),
+    "evaluate": ("ddm4d.evaluate", "evaluate DDM and baselines on ACDC-layout data (Table 1)"),
+    "phantom": ("ddm4d.phantom", "write a synthetic 4D cardiac data set in the ACDC layout"),
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """argparse itself answers bad options with exit code 2 and one error line."""
+    parser = argparse.ArgumentParser(prog="ddm4d", description=__doc__.splitlines()[0])
+    requested = next((a for a in argv if not a.startswith("-")), None)
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"ddm4d {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module_name)
+        # argument definitions are cheap; import the module lazily only for the chosen command
+        if name == requested:
+            importlib.import_module(module_name).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
+    module = importlib.import_module(args._module)
+    try:
+        return int(module.main(args) or 0)
+    except InputError as err:
+        print(f"ddm4d {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ddm4d {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

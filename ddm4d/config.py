@@ -1,0 +1,121 @@
+"""Every default of the paper in one place (Kim & Ye, MICCAI 2022, and the authors' configuration).
+
+Spatial conventions used throughout ddm4d:
+- ``image_size`` and ``spacing`` are in ITK order (x, y[, z]); tensors are (batch, channel, [z,] y, x).
+- A displacement field ``phi`` has one channel per tensor axis in tensor order ([z,] y, x), in voxels
+  of the model grid, and pulls: frame(p) = source(p + phi(p)).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class DDMConfig:
+    spatial_dims: int = 3
+    # model grid: the paper resamples ACDC to 1.5 x 1.5 x 3.15 mm and crops 128 x 128 x 32
+    image_size: tuple[int, ...] = (128, 128, 32)
+    spacing: tuple[float, ...] = (1.5, 1.5, 3.15)
+    intensity_range: tuple[float, float] = (-1.0, 1.0)
+
+    # diffusion module G_diffuse (DDPM UNet): inner 8 channels, multipliers [1, 2, 4, 4]
+    diffusion_channels: int = 8
+    channel_mults: tuple[int, ...] = (1, 2, 4, 4)
+    res_blocks: int = 1  # per level going down; one more going up
+    attention_heads: int = 4  # linear attention after the first middle block
+    norm_groups: int = 8
+    dropout: float = 0.0
+
+    # deformation module G_deform (VoxelMorph-1 UNet), LeakyReLU 0.2
+    encoder_channels: tuple[int, ...] = (16, 32, 32, 32, 32)
+    decoder_channels: tuple[int, ...] = (32, 32, 32, 8, 8, 3)  # last = spatial_dims (the field)
+    leaky_slope: float = 0.2
+
+    # noise schedule: beta linear 1e-6 .. 1e-2 over u = 2000 steps
+    timesteps: int = 2000
+    beta_start: float = 1e-6
+    beta_end: float = 1e-2
+
+    # loss L = L_diffuse + lambda * (-NCC_9 + lambda_R * |grad phi|^2)
+    loss_lambda: float = 20.0
+    lambda_r: float = 1.0
+    ncc_window: int = 9
+
+    # optimisation: Adam lr 2e-4, the authors' betas (0.5, 0.999), batch 1, 800 epochs
+    lr: float = 2e-4
+    adam_betas: tuple[float, float] = (0.5, 0.999)
+    batch_size: int = 1
+    epochs: int = 800
+
+    # generation: subtract phi at gamma = 0 so frame 0 is the source (the paper does not)
+    subtract_gamma0: bool = True
+
+    # free-form notes carried into the model file (training data, iterations, ...)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
+        for name in ("image_size", "spacing"):
+            value = tuple(getattr(self, name))
+            if len(value) != self.spatial_dims:
+                raise ValueError(f"{name} needs {self.spatial_dims} values for spatial_dims={self.spatial_dims}, got {value}")
+            setattr(self, name, value)
+        self.channel_mults = tuple(self.channel_mults)
+        self.encoder_channels = tuple(self.encoder_channels)
+        self.decoder_channels = tuple(self.decoder_channels)
+        self.intensity_range = tuple(self.intensity_range)
+        self.adam_betas = tuple(self.adam_betas)
+        if self.decoder_channels[-1] != self.spatial_dims:
+            raise ValueError(
+                f"the last decoder channel is the field and must equal spatial_dims={self.spatial_dims}, "
+                f"got decoder_channels={self.decoder_channels}")
+        if len(self.encoder_channels) != 5 or len(self.decoder_channels) != 6:
+            raise ValueError("the VoxelMorph-1 UNet takes 5 encoder and 6 decoder channel counts")
+        if self.ncc_window % 2 != 1:
+            raise ValueError(f"ncc_window must be odd, got {self.ncc_window}")
+
+    @classmethod
+    def for_dims(cls, spatial_dims: int, **overrides: Any) -> "DDMConfig":
+        """The paper's configuration in 3D, or its single-slice (2D) counterpart."""
+        if spatial_dims == 2:
+            base = dict(spatial_dims=2, image_size=(128, 128), spacing=(1.5, 1.5),
+                        decoder_channels=(32, 32, 32, 8, 8, 2))
+        else:
+            base = dict(spatial_dims=3)
+        base.update(overrides)
+        return cls(**base)
+
+    @property
+    def stride(self) -> int:
+        """Inputs are padded internally to a multiple of this (both UNets' total downsampling)."""
+        return max(2 ** (len(self.channel_mults) - 1), 2 ** (len(self.encoder_channels) - 1))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["format_version"] = FORMAT_VERSION
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DDMConfig":
+        d = dict(d)
+        version = d.pop("format_version", FORMAT_VERSION)
+        if version > FORMAT_VERSION:
+            raise ValueError(f"model configuration format {version} is newer than this ddm4d supports ({FORMAT_VERSION}); upgrade ddm4d")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown configuration keys {unknown}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "DDMConfig":
+        return cls.from_dict(json.loads(text))

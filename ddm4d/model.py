@@ -1,0 +1,149 @@
+"""The Diffusion Deformable Model: G_diffuse + G_deform, the training loss and batched generation.
+
+Shapes: source and target are (batch, 1, *spatial) in [-1, 1], spatial = ([z,] y, x), any sizes (padded
+internally to the networks' stride and cropped back). Fields phi are (batch, ndim, *spatial) in voxels.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import DDMConfig
+from .diffusion import NoiseSchedule
+from .losses import diffusion_loss, local_ncc, smoothness
+from .networks import DeformationUNet, DiffusionUNet
+from .networks.blocks import crop_to, pad_to_multiple
+from .warp import warp
+
+# Activation memory of one gamma in the deformation pass, bytes per voxel (measured, fp32, no grad,
+# with headroom); used to split the gammas into chunks that fit.
+DEFORM_BYTES_PER_VOXEL = 400
+
+
+@dataclass
+class Generation:
+    """What :meth:`DDM.generate` returns: frames (G, 1, *spatial), fields (G, ndim, *spatial), code."""
+
+    gammas: torch.Tensor
+    frames: torch.Tensor
+    fields: torch.Tensor
+    code: torch.Tensor
+
+
+class DDM(nn.Module):
+    def __init__(self, config: DDMConfig | None = None):
+        super().__init__()
+        self.config = config = config or DDMConfig()
+        self.diffusion = DiffusionUNet(
+            config.spatial_dims, in_channels=3, out_channels=1, channels=config.diffusion_channels,
+            channel_mults=config.channel_mults, res_blocks=config.res_blocks,
+            attention_heads=config.attention_heads, norm_groups=config.norm_groups, dropout=config.dropout)
+        self.deformation = DeformationUNet(
+            config.spatial_dims, in_channels=2, encoder_channels=config.encoder_channels,
+            decoder_channels=config.decoder_channels, leaky_slope=config.leaky_slope)
+        self.schedule = NoiseSchedule(config.timesteps, config.beta_start, config.beta_end)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def _check(self, source: torch.Tensor, target: torch.Tensor | None = None) -> None:
+        expected = self.config.spatial_dims + 2
+        if source.dim() != expected:
+            raise ValueError(f"this is a {self.config.spatial_dims}D model: expected source of shape "
+                             f"(batch, 1, {'z, ' if expected == 5 else ''}y, x), got {tuple(source.shape)}")
+        if target is not None and target.shape != source.shape:
+            raise ValueError(f"source {tuple(source.shape)} and target {tuple(target.shape)} differ in shape")
+
+    # -- the two modules, on padded inputs --------------------------------------------------------
+    def _code(self, source: torch.Tensor, target: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        inputs, sizes = pad_to_multiple(torch.cat([source, target, x_t], dim=1), self.config.stride)
+        return crop_to(self.diffusion(inputs, t), sizes)
+
+    def deform(self, source: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+        """phi = G_deform([source, code]) for a batch of (scaled) latent codes; source may have batch 1."""
+        if source.shape[0] == 1 and code.shape[0] > 1:
+            source = source.expand(code.shape[0], *source.shape[1:])
+        inputs, sizes = pad_to_multiple(torch.cat([source, code.to(source.dtype)], dim=1), self.config.stride)
+        return crop_to(self.deformation(inputs), sizes)
+
+    # -- training -----------------------------------------------------------------------------------
+    def training_losses(self, source: torch.Tensor, target: torch.Tensor, t: torch.Tensor | None = None,
+                        noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """L = L_diffuse + lambda * (-NCC(S o phi, T) + lambda_R * |grad phi|^2)  (DDM eq. 5-7).
+
+        As in the authors' code, the deformation branch takes the code predicted at the sampled step t.
+        Returns the total `loss` and its parts `diffusion`, `ncc` (a similarity, higher is better) and
+        `smooth`.
+        """
+        self._check(source, target)
+        cfg = self.config
+        if t is None:
+            t = self.schedule.sample_timesteps(source.shape[0], source.device, generator)
+        if noise is None:
+            noise = torch.randn(target.shape, device=target.device, dtype=target.dtype, generator=generator)
+        x_t = self.schedule.q_sample(target, t, noise)
+        code = self._code(source, target, x_t, t)
+        phi = self.deform(source, code)
+        warped = warp(source, phi)
+        l_diffuse = diffusion_loss(code, noise)
+        ncc = local_ncc(warped, target, cfg.ncc_window)
+        smooth = smoothness(phi)
+        loss = l_diffuse + cfg.loss_lambda * (-ncc + cfg.lambda_r * smooth)
+        return {"loss": loss, "diffusion": l_diffuse, "ncc": ncc, "smooth": smooth}
+
+    # -- inference ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def latent_code(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """c = G_diffuse(S, T, x_0 = T; t = 0): the code of the full source-to-target deformation."""
+        self._check(source, target)
+        t = torch.zeros(source.shape[0], dtype=torch.long, device=source.device)
+        return self._code(source, target, target, t)
+
+    @torch.no_grad()
+    def generate(self, source: torch.Tensor, target: torch.Tensor, gammas, subtract_gamma0: bool | None = None,
+                 chunk_size: int | None = None) -> Generation:
+        """Frames S o phi_gamma with phi_gamma = G_deform(S, gamma c) for all gammas, batched over gamma.
+
+        `subtract_gamma0` (default from the config, on) uses phi_gamma - phi_0 so that gamma = 0 gives
+        the source exactly; off is the paper's plain behaviour. `chunk_size` bounds how many gammas go
+        through the deformation network at once (default: as many as fit in memory).
+        """
+        self._check(source, target)
+        if source.shape[0] != 1:
+            raise ValueError(f"generate takes one source/target pair (batch 1), got batch {source.shape[0]}")
+        gammas = torch.as_tensor(gammas, dtype=torch.float32, device=source.device).flatten()
+        if gammas.numel() == 0 or bool(((gammas < 0) | (gammas > 1)).any()):
+            raise ValueError(f"gammas must be a non-empty list of values in [0, 1], got {gammas.tolist()}")
+        subtract = self.config.subtract_gamma0 if subtract_gamma0 is None else subtract_gamma0
+        code = self.latent_code(source, target)
+
+        gammas_run = gammas
+        if subtract and not bool((gammas == 0).any()):
+            gammas_run = torch.cat([gammas.new_zeros(1), gammas])
+        chunk = chunk_size or self.auto_chunk_size(source)
+        fields = []
+        for start in range(0, gammas_run.numel(), chunk):
+            g = gammas_run[start:start + chunk].view(-1, *([1] * (source.dim() - 1)))
+            fields.append(self.deform(source, g.to(code.dtype) * code).float())
+        phi = torch.cat(fields)
+        if subtract:
+            phi = phi - phi[int(torch.nonzero(gammas_run == 0)[0])]
+        if gammas_run.numel() != gammas.numel():
+            phi = phi[1:]
+        frames = warp(source.float(), phi)
+        return Generation(gammas=gammas, frames=frames, fields=phi, code=code)
+
+    def auto_chunk_size(self, source: torch.Tensor) -> int:
+        """How many gammas fit at once: a fraction of free GPU memory, or a CPU budget of ~0.6 GiB."""
+        voxels = math.prod(source.shape[2:])
+        per_gamma = DEFORM_BYTES_PER_VOXEL * voxels
+        if source.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(source.device)
+            budget = 0.5 * free
+        else:
+            budget = 0.6 * 2**30
+        return max(1, int(budget // per_gamma))

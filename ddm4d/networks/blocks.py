@@ -1,0 +1,94 @@
+"""Layer factories and small blocks shared by both UNets; one code path for 2D and 3D."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def conv_nd(spatial_dims: int, in_ch: int, out_ch: int, kernel_size: int = 3, stride: int = 1,
+            bias: bool = True) -> nn.Module:
+    cls = {2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
+    return cls(in_ch, out_ch, kernel_size, stride=stride, padding=kernel_size // 2, bias=bias)
+
+
+def conv_transpose_nd(spatial_dims: int, in_ch: int, out_ch: int) -> nn.Module:
+    """Exact x2 upsampling transposed convolution (kernel 3, stride 2), as VoxelMorph-1 in DDM's code."""
+    cls = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[spatial_dims]
+    return cls(in_ch, out_ch, 3, stride=2, padding=1, output_padding=1)
+
+
+class SinusoidalEmbedding(nn.Module):
+    """Transformer-style embedding of the integer diffusion step t (Vaswani et al. 2017)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"embedding dimension must be even, got {dim}")
+        self.dim = dim
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = t.float()[:, None] * freqs[None]
+        return torch.cat([args.sin(), args.cos()], dim=1)
+
+
+class ResidualBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, the time embedding added in between (DDPM's ResNet block)."""
+
+    def __init__(self, spatial_dims: int, in_ch: int, out_ch: int, time_dim: int, groups: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(min(groups, in_ch), in_ch)
+        self.conv1 = conv_nd(spatial_dims, in_ch, out_ch)
+        self.time = nn.Linear(time_dim, out_ch)
+        self.norm2 = nn.GroupNorm(min(groups, out_ch), out_ch)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = conv_nd(spatial_dims, out_ch, out_ch)
+        self.skip = conv_nd(spatial_dims, in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time(temb).view(*temb.shape[:1], -1, *([1] * (x.dim() - 2)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return h + self.skip(x)
+
+
+class LinearAttention(nn.Module):
+    """Linear self-attention (Shen et al. 2021): softmax over features for queries and over
+    positions for keys, so cost grows linearly with the number of voxels."""
+
+    def __init__(self, spatial_dims: int, channels: int, heads: int, groups: int):
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"{channels} channels cannot be split into {heads} heads")
+        self.heads = heads
+        self.norm = nn.GroupNorm(min(groups, channels), channels)
+        self.to_qkv = conv_nd(spatial_dims, channels, 3 * channels, 1, bias=False)
+        self.to_out = conv_nd(spatial_dims, channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, *spatial = x.shape
+        q, k, v = self.to_qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, -1).unbind(1)
+        q = q.softmax(dim=-2) * (c // self.heads) ** -0.5
+        k = k.softmax(dim=-1)
+        context = torch.einsum("bhdn,bhen->bhde", k, v)
+        out = torch.einsum("bhde,bhdn->bhen", context, q).reshape(b, c, *spatial)
+        return x + self.to_out(out)
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = "replicate") -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Pad the spatial axes at their far end up to a multiple of `multiple`; returns the original sizes."""
+    sizes = tuple(x.shape[2:])
+    pads: list[int] = []
+    for s in reversed(sizes):
+        pads += [0, (-s) % multiple]
+    if any(pads):
+        x = F.pad(x, pads, mode=mode)
+    return x, sizes
+
+
+def crop_to(x: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
+    return x[(slice(None), slice(None)) + tuple(slice(0, s) for s in sizes)]

@@ -1,0 +1,51 @@
+"""Spatial transformer (Jaderberg et al. 2015) for dense pull fields in voxels.
+
+Convention: phi has shape (batch, ndim, *spatial), channel i is the displacement along tensor axis 2 + i
+in voxels, and warp(image, phi)(p) = image(p + phi(p)) with (bi/tri)linear interpolation.
+Sampling points outside the image take the nearest border value (the background of a cardiac image).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def identity_grid(sizes: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Voxel coordinates, shape (ndim, *sizes)."""
+    axes = [torch.arange(s, device=device, dtype=dtype) for s in sizes]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"))
+
+
+def warp(image: torch.Tensor, phi: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border") -> torch.Tensor:
+    """Sample `image` (batch or 1, C, *spatial) at p + phi(p); returns (batch, C, *spatial).
+
+    >>> img = torch.arange(16.).reshape(1, 1, 4, 4)
+    >>> phi = torch.zeros(1, 2, 4, 4); phi[:, 1] = 1.0        # one voxel along x
+    >>> warp(img, phi)[0, 0, 0].tolist()
+    [1.0, 2.0, 3.0, 3.0]
+    """
+    sizes = tuple(phi.shape[2:])
+    ndim = len(sizes)
+    if phi.shape[1] != ndim or tuple(image.shape[2:]) != sizes:
+        raise ValueError(f"field of shape {tuple(phi.shape)} does not fit image of shape {tuple(image.shape)}")
+    if image.shape[0] == 1 and phi.shape[0] > 1:
+        image = image.expand(phi.shape[0], *image.shape[1:])
+    phi = phi.float()
+    points = identity_grid(sizes, phi.device) + phi
+    # normalise to [-1, 1] (align_corners=True: -1 and 1 are the centres of the corner voxels)
+    scale = torch.tensor([2.0 / max(s - 1, 1) for s in sizes], device=phi.device).view(1, ndim, *([1] * ndim))
+    grid = points * scale - 1.0
+    grid = grid.movedim(1, -1).flip(-1)  # grid_sample wants (x, y[, z]) last
+    return F.grid_sample(image.float(), grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+
+
+class SpatialTransformer(nn.Module):
+    """Module wrapper of :func:`warp`, for use inside networks."""
+
+    def __init__(self, mode: str = "bilinear", padding_mode: str = "border"):
+        super().__init__()
+        self.mode, self.padding_mode = mode, padding_mode
+
+    def forward(self, image: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+        return warp(image, phi, self.mode, self.padding_mode)
