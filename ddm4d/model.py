@@ -18,9 +18,20 @@ from .networks import DeformationUNet, DiffusionUNet
 from .networks.blocks import crop_to, pad_to_multiple
 from .warp import warp
 
+# PyTorch's CPU 3D convolution uses oneDNN only when batch*channels*D*H > 20480 and otherwise a slow
+# generic path; with z (32 slices) last, D*H = 128*128 and nearly every layer qualifies. The networks
+# therefore see volumes as (y, x, z); fields come back in (z, y, x) order (see benchmarks/variants.py).
+_NET_AXES_3D = (0, 1, 3, 4, 2)      # (b, c, z, y, x) -> (b, c, y, x, z)
+_FROM_NET_AXES_3D = (0, 1, 4, 2, 3)
+_FIELD_CHANNELS_FROM_NET = [2, 0, 1]  # (dy, dx, dz) -> (dz, dy, dx)
+
 # Activation memory of one gamma in the deformation pass, bytes per voxel (measured, fp32, no grad,
 # with headroom); used to split the gammas into chunks that fit.
 DEFORM_BYTES_PER_VOXEL = 400
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last_3d) if x.dim() == 5 else x
 
 
 @dataclass
@@ -45,6 +56,19 @@ class DDM(nn.Module):
             config.spatial_dims, in_channels=2, encoder_channels=config.encoder_channels,
             decoder_channels=config.decoder_channels, leaky_slope=config.leaky_slope)
         self.schedule = NoiseSchedule(config.timesteps, config.beta_start, config.beta_end)
+        if config.spatial_dims == 3:
+            # channels-last weights keep oneDNN on its fast path (benchmarks/variants.py)
+            self.diffusion.to(memory_format=torch.channels_last_3d)
+            self.deformation.to(memory_format=torch.channels_last_3d)
+
+    def _to_net(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(_NET_AXES_3D) if x.dim() == 5 else x
+
+    def _field_from_net(self, phi: torch.Tensor) -> torch.Tensor:
+        return phi.permute(_FROM_NET_AXES_3D)[:, _FIELD_CHANNELS_FROM_NET] if phi.dim() == 5 else phi
+
+    def _image_from_net(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(_FROM_NET_AXES_3D) if x.dim() == 5 else x
 
     @property
     def device(self) -> torch.device:
@@ -61,14 +85,15 @@ class DDM(nn.Module):
     # -- the two modules, on padded inputs --------------------------------------------------------
     def _code(self, source: torch.Tensor, target: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         inputs, sizes = pad_to_multiple(torch.cat([source, target, x_t], dim=1), self.config.stride)
-        return crop_to(self.diffusion(inputs, t), sizes)
+        return crop_to(self.diffusion(_channels_last(inputs), t), sizes)
 
     def deform(self, source: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-        """phi = G_deform([source, code]) for a batch of (scaled) latent codes; source may have batch 1."""
+        """phi = G_deform([source, code]) for a batch of (scaled) latent codes, in the networks' axis
+        order (see _NET_AXES_3D); source may have batch 1."""
         if source.shape[0] == 1 and code.shape[0] > 1:
             source = source.expand(code.shape[0], *source.shape[1:])
         inputs, sizes = pad_to_multiple(torch.cat([source, code.to(source.dtype)], dim=1), self.config.stride)
-        return crop_to(self.deformation(inputs), sizes)
+        return crop_to(self.deformation(_channels_last(inputs)), sizes)
 
     # -- training -----------------------------------------------------------------------------------
     def training_losses(self, source: torch.Tensor, target: torch.Tensor, t: torch.Tensor | None = None,
@@ -81,6 +106,9 @@ class DDM(nn.Module):
         """
         self._check(source, target)
         cfg = self.config
+        source, target = self._to_net(source), self._to_net(target)
+        if noise is not None:
+            noise = self._to_net(noise)
         if t is None:
             t = self.schedule.sample_timesteps(source.shape[0], source.device, generator)
         if noise is None:
@@ -101,16 +129,17 @@ class DDM(nn.Module):
         """c = G_diffuse(S, T, x_0 = T; t = 0): the code of the full source-to-target deformation."""
         self._check(source, target)
         t = torch.zeros(source.shape[0], dtype=torch.long, device=source.device)
-        return self._code(source, target, target, t)
+        return self._image_from_net(self._code(self._to_net(source), self._to_net(target), self._to_net(target), t))
 
     @torch.no_grad()
     def generate(self, source: torch.Tensor, target: torch.Tensor, gammas, subtract_gamma0: bool | None = None,
-                 chunk_size: int | None = None) -> Generation:
+                 chunk_size: int | None = None, code: torch.Tensor | None = None) -> Generation:
         """Frames S o phi_gamma with phi_gamma = G_deform(S, gamma c) for all gammas, batched over gamma.
 
         `subtract_gamma0` (default from the config, on) uses phi_gamma - phi_0 so that gamma = 0 gives
         the source exactly; off is the paper's plain behaviour. `chunk_size` bounds how many gammas go
-        through the deformation network at once (default: as many as fit in memory).
+        through the deformation network at once (default: as many as fit in memory). A `code` computed
+        before by :meth:`latent_code` is reused.
         """
         self._check(source, target)
         if source.shape[0] != 1:
@@ -119,17 +148,19 @@ class DDM(nn.Module):
         if gammas.numel() == 0 or bool(((gammas < 0) | (gammas > 1)).any()):
             raise ValueError(f"gammas must be a non-empty list of values in [0, 1], got {gammas.tolist()}")
         subtract = self.config.subtract_gamma0 if subtract_gamma0 is None else subtract_gamma0
-        code = self.latent_code(source, target)
+        if code is None:
+            code = self.latent_code(source, target)
 
         gammas_run = gammas
         if subtract and not bool((gammas == 0).any()):
             gammas_run = torch.cat([gammas.new_zeros(1), gammas])
         chunk = chunk_size or self.auto_chunk_size(source)
         fields = []
+        net_source, net_code = self._to_net(source), self._to_net(code)
         for start in range(0, gammas_run.numel(), chunk):
             g = gammas_run[start:start + chunk].view(-1, *([1] * (source.dim() - 1)))
-            fields.append(self.deform(source, g.to(code.dtype) * code).float())
-        phi = torch.cat(fields)
+            fields.append(self._field_from_net(self.deform(net_source, g.to(code.dtype) * net_code)).float())
+        phi = torch.cat(fields).contiguous()
         if subtract:
             phi = phi - phi[int(torch.nonzero(gammas_run == 0)[0])]
         if gammas_run.numel() != gammas.numel():

@@ -1,0 +1,298 @@
+"""The DDM engine: configuration, networks, warp, losses, model, model files."""
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from ddm4d.checkpoint import load_model, read_model_metadata, save_model
+from ddm4d.config import DDMConfig
+from ddm4d.device import autocast, resolve_device
+from ddm4d.diffusion import NoiseSchedule
+from ddm4d.errors import InputError
+from ddm4d.losses import box_mean, local_ncc, smoothness
+from ddm4d.model import DDM
+from ddm4d.networks import DeformationUNet, DiffusionUNet
+from ddm4d.warp import warp
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def blob(shape, center, radii, sharpness=4.0):
+    grids = torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape], indexing="ij")
+    r = sum(((g - c) / rr) ** 2 for g, c, rr in zip(grids, center, radii))
+    return (torch.sigmoid((1 - r) * sharpness) * 2 - 1)[None, None]
+
+
+# -------------------------------------------------------------------------------------------- config
+
+def test_config_holds_the_papers_defaults_and_round_trips_json():
+    cfg = DDMConfig()
+    assert (cfg.diffusion_channels, cfg.channel_mults) == (8, (1, 2, 4, 4))
+    assert cfg.encoder_channels == (16, 32, 32, 32, 32) and cfg.decoder_channels == (32, 32, 32, 8, 8, 3)
+    assert (cfg.timesteps, cfg.beta_start, cfg.beta_end) == (2000, 1e-6, 1e-2)
+    assert (cfg.loss_lambda, cfg.lambda_r, cfg.ncc_window) == (20.0, 1.0, 9)
+    assert (cfg.lr, cfg.adam_betas, cfg.batch_size, cfg.epochs) == (2e-4, (0.5, 0.999), 1, 800)
+    assert cfg.image_size == (128, 128, 32) and cfg.spacing == (1.5, 1.5, 3.15)
+    assert DDMConfig.from_json(cfg.to_json()) == cfg
+    two = DDMConfig.for_dims(2)
+    assert DDMConfig.from_json(two.to_json()) == two and two.decoder_channels[-1] == 2
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(spatial_dims=4), "spatial_dims"),
+    (dict(image_size=(128, 128)), "image_size"),
+    (dict(decoder_channels=(32, 32, 32, 8, 8, 2)), "last decoder channel"),
+    (dict(ncc_window=8), "odd"),
+])
+def test_config_rejects_inconsistent_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DDMConfig(**kwargs)
+
+
+def test_config_from_newer_format_or_unknown_keys_is_refused():
+    d = DDMConfig().to_dict()
+    with pytest.raises(ValueError, match="newer"):
+        DDMConfig.from_dict({**d, "format_version": 99})
+    with pytest.raises(ValueError, match="unknown"):
+        DDMConfig.from_dict({**d, "surprise": 1})
+
+
+# ------------------------------------------------------------------------------------------ networks
+
+def test_parameter_counts_match_the_authors_code():
+    assert n_params(DiffusionUNet()) == 715_665
+    assert n_params(DeformationUNet()) == 361_299
+
+
+@pytest.mark.parametrize("dims, spatial", [(3, (8, 32, 32)), (3, (5, 19, 23)), (2, (64, 64)), (2, (37, 50))])
+def test_model_shapes_for_any_size_in_2d_and_3d(dims, spatial):
+    cfg = DDMConfig.for_dims(dims)
+    model = DDM(cfg)
+    s = torch.rand(1, 1, *spatial) * 2 - 1
+    t = torch.rand(1, 1, *spatial) * 2 - 1
+    losses = model.training_losses(s, t)
+    assert set(losses) == {"loss", "diffusion", "ncc", "smooth"} and torch.isfinite(losses["loss"])
+    gen = model.generate(s, t, [0.0, 0.5, 1.0])
+    assert gen.frames.shape == (3, 1, *spatial)
+    assert gen.fields.shape == (3, dims, *spatial)
+    assert model.latent_code(s, t).shape == (1, 1, *spatial)
+
+
+def test_wrong_dimensionality_is_a_clear_error():
+    with pytest.raises(ValueError, match="3D model"):
+        DDM().training_losses(torch.rand(1, 1, 16, 16), torch.rand(1, 1, 16, 16))
+
+
+# -------------------------------------------------------------------------------------------- warp
+
+@pytest.mark.parametrize("spatial", [(6, 9, 11), (13, 17)])
+def test_zero_field_returns_the_input(spatial):
+    img = torch.rand(2, 1, *spatial)
+    out = warp(img, torch.zeros(2, len(spatial), *spatial))
+    torch.testing.assert_close(out, img, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_integer_translation_moves_content_along_the_right_axis(axis):
+    img = torch.rand(1, 1, 8, 10, 12)
+    phi = torch.zeros(1, 3, 8, 10, 12)
+    phi[:, axis] = 2.0  # pull: out(p) = img(p + 2 e_axis)
+    out = warp(img, phi)
+    n = img.shape[2 + axis]
+    inner = [slice(None)] * 5
+    inner[2 + axis] = slice(0, n - 2)
+    shifted = [slice(None)] * 5
+    shifted[2 + axis] = slice(2, n)
+    torch.testing.assert_close(out[tuple(inner)], img[tuple(shifted)], atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------- losses
+
+def test_box_mean_equals_a_full_box_convolution():
+    x = torch.rand(1, 2, 7, 12, 10, dtype=torch.float64)
+    kernel = torch.ones(2, 1, 9, 9, 9, dtype=torch.float64) / 729
+    ref = torch.nn.functional.conv3d(torch.nn.functional.pad(x, [4] * 6), kernel, groups=2)
+    torch.testing.assert_close(box_mean(x, 9), ref)
+
+
+def test_ncc_is_one_for_identical_images_and_decreases_with_misalignment():
+    x = torch.rand(1, 1, 12, 24, 24)
+    assert local_ncc(x, x).item() == pytest.approx(1.0, abs=1e-4)
+    img = blob((12, 24, 24), (6, 12, 12), (4, 7, 7))
+    scores = []
+    for shift in (0, 1, 2, 4):
+        phi = torch.zeros(1, 3, 12, 24, 24)
+        phi[:, 2] = float(shift)
+        scores.append(local_ncc(warp(img, phi), img).item())
+    assert scores == sorted(scores, reverse=True) and scores[0] > scores[-1] + 0.05
+
+
+def test_smoothness_of_zero_and_constant_fields_is_zero_and_positive_otherwise():
+    assert smoothness(torch.zeros(1, 3, 5, 6, 7)).item() == 0.0
+    assert smoothness(torch.full((1, 3, 5, 6, 7), 2.5)).item() == 0.0
+    ramp = torch.arange(7.0).expand(1, 2, 6, 7)
+    assert smoothness(ramp).item() == pytest.approx(0.5)  # (1 along x + 0 along y) / 2 axes
+
+
+def test_noise_schedule_follows_the_paper():
+    sched = NoiseSchedule(2000, 1e-6, 1e-2)
+    assert sched.betas[0].item() == pytest.approx(1e-6) and sched.betas[-1].item() == pytest.approx(1e-2)
+    expected = np.cumprod(1 - np.linspace(1e-6, 1e-2, 2000))
+    np.testing.assert_allclose(sched.alphas_cumprod.numpy(), expected, rtol=1e-5)
+    target, noise = torch.ones(2, 1, 4, 4), torch.zeros(2, 1, 4, 4)
+    x_t = sched.q_sample(target, torch.tensor([0, 1999]), noise)
+    assert x_t[0].mean().item() == pytest.approx(np.sqrt(expected[0]), rel=1e-6)
+    assert x_t[1].mean().item() == pytest.approx(np.sqrt(expected[-1]), rel=1e-4)
+
+
+# -------------------------------------------------------------------------------------------- model
+
+def test_gamma_zero_reproduces_the_source_and_the_plain_mode_is_selectable():
+    torch.manual_seed(0)
+    model = DDM(DDMConfig.for_dims(2))
+    with torch.no_grad():  # a visibly non-zero field at gamma 0, as an untrained-but-biased net gives
+        model.deformation.flow.bias.fill_(0.7)
+    s, t = blob((32, 32), (15, 15), (8, 8)), blob((32, 32), (17, 15), (6, 6))
+    gen = model.generate(s, t, [0.0, 0.5, 1.0])
+    torch.testing.assert_close(gen.frames[0:1], s, atol=1e-5, rtol=0)
+    assert gen.fields[0].abs().max().item() == 0.0
+    plain = model.generate(s, t, [0.0, 1.0], subtract_gamma0=False)
+    assert plain.fields[0].abs().max().item() > 0.5
+    # gamma 0 need not be among the gammas asked for
+    only_mid = model.generate(s, t, [0.5])
+    torch.testing.assert_close(only_mid.fields, gen.fields[1:2])
+
+
+def test_generation_is_batched_and_chunking_gives_the_same_result():
+    torch.manual_seed(0)
+    model = DDM(DDMConfig(image_size=(24, 24, 8)))
+    s, t = torch.rand(1, 1, 8, 24, 24), torch.rand(1, 1, 8, 24, 24)
+    calls = []
+    hook = model.deformation.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    whole = model.generate(s, t, torch.linspace(0, 1, 6))
+    assert calls == [6]  # one pass for all gammas
+    calls.clear()
+    chunked = model.generate(s, t, torch.linspace(0, 1, 6), chunk_size=4)
+    hook.remove()
+    assert calls == [4, 2]
+    torch.testing.assert_close(chunked.fields, whole.fields, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("gammas", [[], [-0.1, 0.5], [0.5, 1.2]])
+def test_gammas_outside_the_unit_interval_are_refused(gammas):
+    model = DDM(DDMConfig.for_dims(2))
+    with pytest.raises(ValueError, match="gammas"):
+        model.generate(torch.rand(1, 1, 16, 16), torch.rand(1, 1, 16, 16), gammas)
+
+
+def test_learning_improves_generation_on_a_shrinking_and_shifting_blob():
+    """The paper's loss, a few hundred steps: generated frames approach each target with gamma.
+
+    One source with three targets (shifted left, shifted right, shrunk): with a single pair the
+    deformation network could learn the field from the source alone and ignore the latent code.
+    lr 1e-3 (five times the paper's) keeps the test short.
+    """
+    torch.manual_seed(0)
+    shape = (32, 32)
+    source = blob(shape, (15.5, 15.5), (8, 8))
+    targets = [blob(shape, (15.5, 18.5), (7, 7)), blob(shape, (15.5, 12.5), (7, 7)), blob(shape, (15.5, 15.5), (5, 5))]
+    model = DDM(DDMConfig.for_dims(2, image_size=shape))
+    gammas = torch.linspace(0, 1, 5)
+
+    def evaluate():
+        ncc, dist = [], []
+        for t in targets:
+            gen = model.generate(source, t, gammas)
+            ncc.append(local_ncc(gen.frames[-1:], t).item())
+            dist.append([(f - t).pow(2).mean().item() for f in gen.frames])
+        return ncc, dist
+
+    ncc_before, _ = evaluate()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=model.config.adam_betas)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(400):
+        losses = model.training_losses(source, targets[step % 3], generator=gen)
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+    ncc_after, dist_after = evaluate()
+    for before, after in zip(ncc_before, ncc_after):
+        assert after > before + 0.02, (ncc_before, ncc_after)
+    for d in dist_after:
+        assert all(b < a for a, b in zip(d, d[1:])), d  # closer to the target at every gamma step
+        assert d[-1] < 0.85 * d[0]
+
+
+# --------------------------------------------------------------------------------------- model files
+
+def test_model_file_round_trip_is_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    model = DDM(DDMConfig(image_size=(32, 32, 8)))
+    path = save_model(model, tmp_path / "m.safetensors", iterations=5)
+    loaded = load_model(path)
+    assert loaded.config == model.config and loaded.info == {"iterations": 5}
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    s, t = torch.rand(1, 1, 8, 32, 32), torch.rand(1, 1, 8, 32, 32)
+    assert torch.equal(model.generate(s, t, [0.3, 1]).frames, loaded.generate(s, t, [0.3, 1]).frames)
+    meta = read_model_metadata(path)
+    assert meta["format"] == "ddm4d-model" and meta["config"]["spatial_dims"] == 3
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("name", ["evil.pt", "evil.safetensors"])
+def test_a_pickle_is_refused_and_never_executed(tmp_path, name):
+    marker = tmp_path / "pwned"
+    path = tmp_path / name
+    path.write_bytes(pickle.dumps(_Exploit(str(marker))))
+    with pytest.raises(InputError, match="never unpickles|not a safetensors"):
+        load_model(path)
+    assert not marker.exists()
+
+
+def test_a_foreign_safetensors_file_or_garbage_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(InputError, match="not a ddm4d model"):
+        load_model(tmp_path / "other.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(InputError):
+        load_model(tmp_path / "junk.safetensors")
+    with pytest.raises(InputError, match="does not exist"):
+        load_model(tmp_path / "missing.safetensors")
+
+
+# ------------------------------------------------------------------------------------------- device
+
+def test_device_choice():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="no CUDA"):
+            resolve_device("cuda")
+    with pytest.raises(InputError, match="unknown device"):
+        resolve_device("tpu")
+    with autocast(torch.device("cpu")):
+        assert torch.get_autocast_dtype("cpu") is not None  # a no-op context on CPU
+
+
+def test_training_state_json_metadata_is_plain_json(tmp_path):
+    from ddm4d.checkpoint import load_tensors, save_tensors
+
+    save_tensors(tmp_path / "s.safetensors", {"a": torch.arange(3)}, {"iteration": 7, "rng": [1, 2]})
+    tensors, meta = load_tensors(tmp_path / "s.safetensors")
+    assert meta == {"iteration": 7, "rng": [1, 2]} and torch.equal(tensors["a"], torch.arange(3))
+    json.dumps(meta)

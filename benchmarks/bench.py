@@ -1,0 +1,214 @@
+"""Speed and memory of ddm4d at the paper's size, as a fraction of this machine's matmul rate.
+
+Each case runs in a fresh process so its peak resident memory (ru_maxrss) is its own. The 2048^2 fp32
+matmul is measured right after each case: these machines drift by up to 2x within an hour, the
+fraction does not. Writes benchmarks/results/<name>.json and .md.
+
+    python benchmarks/bench.py                      # CPU, 2 threads, 128x128x32
+    python benchmarks/bench.py --device cuda        # GPU (bf16 autocast)
+    python benchmarks/bench.py --size 64 64 16 --quick
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+# multiply-accumulates per pass at 128 x 128 x 32 (anchors.md); scaled by voxel count for other sizes
+GMAC_DEFORM, GMAC_DIFFUSION, GMAC_NCC = 9.6, 20.3, 1.9
+PAPER_VOXELS = 128 * 128 * 32
+
+
+def matmul_gflops(device: str, n: int = 2048, repeats: int = 10) -> float:
+    import torch
+
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e9
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_memory_gib(device: str) -> float:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB -> GiB on Linux
+
+
+def case(name: str, size: list[int], device: str, frames: int, repeats: int) -> dict:
+    """Runs inside a child process: one measurement, printed as JSON."""
+    import numpy as np
+    import torch
+
+    from ddm4d.config import DDMConfig
+    from ddm4d.device import autocast
+    from ddm4d.model import DDM
+
+    torch.manual_seed(0)
+    cfg = DDMConfig(image_size=tuple(size))
+    model = DDM(cfg).to(device)
+    shape = (1, 1) + tuple(reversed(size))
+    source = torch.rand(shape, device=device) * 2 - 1
+    target = torch.rand(shape, device=device) * 2 - 1
+    scale = np.prod(size) / PAPER_VOXELS
+    dev = torch.device(device)
+    if name == "train":
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
+
+        def step():
+            with autocast(dev):
+                loss = model.training_losses(source, target)["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        # forward + backward ~ 3x the forward multiply-adds
+        gflop = 2 * 3 * (GMAC_DIFFUSION + GMAC_DEFORM + GMAC_NCC) * scale
+    elif name == "generate":
+        model.eval()
+        gammas = torch.linspace(0, 1, frames)
+
+        def step():
+            with autocast(dev):
+                model.generate(source, target, gammas)
+
+        gflop = 2 * (GMAC_DIFFUSION + frames * GMAC_DEFORM) * scale
+    elif name == "generate_files":
+        return end_to_end(size, device, frames, repeats)
+    else:
+        raise ValueError(name)
+    step()  # warm-up (allocator, oneDNN primitive cache)
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    best = min(times)
+    return {"case": name, "seconds_min": best, "seconds_median": float(np.median(times)), "gflop": gflop,
+            "gflops": gflop / best, "peak_memory_gib": peak_memory_gib(device)}
+
+
+def end_to_end(size: list[int], device: str, frames: int, repeats: int) -> dict:
+    """`ddm4d generate` from NIfTI files to written outputs, with a (random-weight) model file."""
+    import numpy as np
+    import SimpleITK as sitk
+    import torch
+
+    from ddm4d.checkpoint import save_model
+    from ddm4d.config import DDMConfig
+    from ddm4d.generate import generate
+    from ddm4d.model import DDM
+
+    tmp = Path(tempfile.mkdtemp())
+    torch.manual_seed(0)
+    save_model(DDM(DDMConfig(image_size=tuple(size))), tmp / "m.safetensors")
+    rng = np.random.default_rng(0)
+    for name in ("s", "t"):
+        img = sitk.GetImageFromArray(rng.random(tuple(reversed(size))).astype(np.float32))
+        img.SetSpacing((1.5, 1.5, 3.15))
+        sitk.WriteImage(img, str(tmp / f"{name}.nii.gz"))
+    times, parts = [], []
+    for _ in range(repeats + 1):
+        t = time.perf_counter()
+        r = generate(tmp / "s.nii.gz", tmp / "t.nii.gz", model=tmp / "m.safetensors", frames=frames, device=device)
+        rep = r.write(tmp / "out", quicklook=False)
+        times.append(time.perf_counter() - t)
+        parts.append(rep["timings_s"])
+    best = int(np.argmin(times[1:])) + 1
+    return {"case": "generate_files", "seconds_min": times[best], "timings_s": parts[best],
+            "peak_memory_gib": peak_memory_gib(device)}
+
+
+def run_child(name: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", name, "--device", args.device, "--threads", str(args.threads),
+           "--frames", str(args.frames), "--repeats", str(args.repeats), "--size", *map(str, args.size)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    if out.returncode:
+        raise SystemExit(f"benchmark case {name} failed:\n{out.stderr}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["matmul_gflops_after"] = matmul_gflops_child(args)
+    if "gflops" in result:
+        result["fraction_of_matmul"] = result["gflops"] / result["matmul_gflops_after"]
+    return result
+
+
+def matmul_gflops_child(args) -> float:
+    code = f"import torch; torch.set_num_threads({args.threads}); import sys; sys.path.insert(0, {str(HERE)!r}); " \
+           f"import bench; print(bench.matmul_gflops({args.device!r}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip())
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# ddm4d benchmark: {report['machine']}", "",
+             f"size {' x '.join(map(str, report['size']))}, device {report['device']}, threads {report['threads']}, "
+             f"torch {report['torch']}, {report['frames']} frames", "",
+             "| case | time (s) | GFLOP/s | matmul GFLOP/s after | fraction of matmul | peak memory (GiB) |",
+             "|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        lines.append(f"| {r['case']} | {r['seconds_min']:.3f} | {r.get('gflops', float('nan')):.1f} | "
+                     f"{r['matmul_gflops_after']:.1f} | {r.get('fraction_of_matmul', float('nan')):.2f} | "
+                     f"{r['peak_memory_gib']:.2f} |")
+    for r in report["results"]:
+        if "timings_s" in r:
+            parts = ", ".join(f"{k} {v:.3f}" for k, v in r["timings_s"].items())
+            lines += ["", f"end to end from files ({r['case']}): {parts}"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--size", type=int, nargs=3, default=[128, 128, 32], metavar=("X", "Y", "Z"))
+    p.add_argument("--frames", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--cases", default="generate,train,generate_files")
+    p.add_argument("--name", default=None, help="results file name (default: device and size)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.child:
+        print(json.dumps(case(args.child, args.size, args.device, args.frames, args.repeats)))
+        return
+    results = [run_child(name, args) for name in args.cases.split(",")]
+    machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    report = {"machine": machine, "device": args.device, "threads": args.threads, "size": args.size,
+              "frames": args.frames, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
+              "results": results}
+    name = args.name or f"{args.device.split(':')[0]}_{'x'.join(map(str, args.size))}"
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2))
+    (out / f"{name}.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
