@@ -54,6 +54,8 @@ class DDMConfig:
 
     # generation: subtract phi at gamma = 0 so frame 0 is the source (the paper does not)
     subtract_gamma0: bool = True
+    # per-case fitting (not in the paper): a few dozen steps need a larger step than 800 epochs do
+    fit_lr: float = 1e-3
 
     # free-form notes carried into the model file (training data, iterations, ...)
     notes: dict[str, Any] = field(default_factory=dict)

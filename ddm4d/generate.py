@@ -1,0 +1,560 @@
+"""`ddm4d generate`: intermediate frames between two volumes, in the source's exact geometry.
+
+Pipeline: read -> model grid (geometry.to_model_grid) -> optional per-case fit -> latent code ->
+batched deformation over gamma -> fields back to physical space -> warp the ORIGINAL source.
+The same path serves the CLI, the Python API, the Slicer logic and `ddm4d evaluate`.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .config import DDMConfig
+from .device import autocast, resolve_device
+from .errors import InputError
+from .geometry import (ModelMapping, folding_fraction, jacobian_determinant, resample_to_reference,
+                       same_geometry, to_model_grid, warp_image)
+from .io import read_image, read_labels, write_cine, write_image
+from .metrics import ACDC_STRUCTURES, STRUCTURE_NAMES, label_volumes_ml
+from .model import DDM
+
+BUNDLED_MODELS = {3: "ddm_phantom_3d.safetensors", 2: "ddm_phantom_2d.safetensors"}
+# structures whose volume over the frames a cardiologist reads (keys of metrics.ACDC_STRUCTURES)
+VOLUME_STRUCTURES = ("lv_blood_pool", "lv_myocardium", "rv")
+
+
+class Cancelled(RuntimeError):
+    """The caller's cancel() returned True; nothing was written."""
+
+
+def bundled_model_path(spatial_dims: int) -> Path | None:
+    """The default model shipped in Resources/models (source tree) or ddm4d/models (installed)."""
+    name = BUNDLED_MODELS[spatial_dims]
+    here = Path(__file__).resolve().parent
+    for folder in (here / "models", here.parent / "Resources" / "models"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+@dataclass
+class GenerationResult:
+    """Frames, fields and labels on the source's grid (SimpleITK images, LPS mm) plus bookkeeping."""
+
+    gammas: list[float]
+    frames: list[sitk.Image]
+    fields: list[sitk.Image]
+    labels: list[sitk.Image] | None
+    folding_fraction: list[float]
+    timings_s: dict[str, float]
+    device: str
+    model: str
+    mode: str
+    mapping: ModelMapping
+    fit_losses: list[float] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)
+
+    def label_volumes_ml(self) -> list[dict[str, float]]:
+        """Volume (mL) of the LV blood pool, LV myocardium and RV in every propagated label frame."""
+        structures = {k: ACDC_STRUCTURES[k] for k in VOLUME_STRUCTURES}
+        return [label_volumes_ml(img, labels=structures) for img in self.labels or []]
+
+    def write(self, out_dir: str | os.PathLike, quicklook: bool = True) -> dict[str, Any]:
+        """Write everything into a temporary folder beside `out_dir`, then move it into place."""
+        return _write_outputs(self, Path(out_dir), quicklook)
+
+
+# ------------------------------------------------------------------------------------------ the API
+
+def generate(source, target, model: Any = "default", frames: int = 10, gammas: Sequence[float] | None = None,
+             fit_steps: int = 0, seg=None, device: str = "auto", mode: str = "forward",
+             center: Sequence[float] | None = None, progress: Callable[[float, str], None] | None = None,
+             cancel: Callable[[], bool] | None = None, seed: int = 0, chunk_size: int | None = None,
+             subtract_gamma0: bool | None = None) -> GenerationResult:
+    """Generate frames from `source` towards `target`.
+
+    :param source, target: SimpleITK images or paths (NIfTI, NRRD, MHA, DICOM series folder).
+    :param model: a model file path, a DDM/baseline object, "default" (bundled) or None/"none"
+        (untrained, needs fit_steps > 0).
+    :param frames: number of frames, gammas = linspace(0, 1, frames) including both ends.
+    :param gammas: explicit gammas in [0, 1] instead of `frames`.
+    :param fit_steps: per-case optimisation steps on this pair (the paper's loss) before generating.
+    :param seg: labels on the source (image or path), propagated to every frame (nearest neighbour).
+    :param mode: "forward" (the paper) or "bidirectional" (cross-fade with the reverse generation).
+    :param center: LPS point (mm) on which to centre the model's field of view (e.g. an ROI centre).
+    :param progress: callback(fraction, message); cancel: callback returning True to stop.
+    """
+    timings: dict[str, float] = {}
+    report = progress or (lambda f, m: None)
+    t0 = time.perf_counter()
+    if mode not in ("forward", "bidirectional"):
+        raise InputError(f"unknown mode {mode!r}; use forward or bidirectional")
+    gamma_list = _gammas(frames, gammas)
+    if int(fit_steps) < 0:
+        raise InputError(f"fit steps must be >= 0, got {fit_steps}")
+    source_img = _as_image(source, "source")
+    target_img = _as_image(target, "target")
+    labels_img = _as_labels(seg, source_img) if seg is not None else None
+    spatial_dims = 2 if source_img.GetSize()[2] == 1 else 3
+    if (target_img.GetSize()[2] == 1) != (spatial_dims == 2):
+        raise InputError(f"the source is {'a single slice' if spatial_dims == 2 else '3D'} but the target is not; "
+                         "give two volumes of the same kind")
+    torch_device = resolve_device(device)
+    net, model_name = _resolve_model(model, spatial_dims, fit_steps)
+    timings["load"] = time.perf_counter() - t0
+    _check_cancel(cancel)
+
+    t = time.perf_counter()
+    cfg = net.config
+    size, spacing = cfg.image_size, cfg.spacing
+    if model_name == "none":
+        spacing = _covering_spacing(source_img, size, spacing)
+    src_arr, tgt_arr, mapping = to_model_grid(source_img, target_img, size, spacing, center)
+    timings["preprocess"] = time.perf_counter() - t
+    report(0.05, "preprocessed")
+
+    messages: list[str] = []
+    fit_losses: list[float] = []
+    if fit_steps:
+        t = time.perf_counter()
+        net, fit_losses = fit_pair(net, src_arr, tgt_arr, fit_steps, torch_device, seed=seed,
+                                   bidirectional=(mode == "bidirectional"), progress=report, cancel=cancel)
+        timings["fit"] = time.perf_counter() - t
+
+    gen, back, used_device, code_s, deform_s = _run_model(net, src_arr, tgt_arr, gamma_list, torch_device, mode,
+                                                          chunk_size, subtract_gamma0, messages)
+    timings["code"], timings["deform"] = code_s, deform_s
+    report(0.85, "mapping frames back to the source geometry")
+    _check_cancel(cancel)
+
+    t = time.perf_counter()
+    frames_out, fields_out, labels_out, folding = [], [], [], []
+    fov = mapping.fov_mask(erode=1)
+    target_on_source = mapping.target
+    for i, g in enumerate(gamma_list):
+        fld = mapping.field_to_physical(gen.fields[i].cpu().numpy())
+        frame = warp_image(mapping.source, fld, "linear")
+        if back is not None:
+            back_fld = mapping.field_to_physical(back.fields[i].cpu().numpy())
+            frame = _cross_fade(frame, warp_image(target_on_source, back_fld, "linear"), g)
+        frames_out.append(frame)
+        fields_out.append(fld)
+        folding.append(folding_fraction(fld, mask=fov))
+        if labels_img is not None:
+            labels_out.append(warp_image(labels_img, fld, "nearest", default_value=0))
+    timings["postprocess"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    report(1.0, "done")
+    return GenerationResult(gammas=gamma_list, frames=frames_out, fields=fields_out,
+                            labels=labels_out if labels_img is not None else None, folding_fraction=folding,
+                            timings_s=timings, device=str(used_device), model=model_name, mode=mode,
+                            mapping=mapping, fit_losses=fit_losses, messages=messages)
+
+
+def fit_pair(net, source: np.ndarray, target: np.ndarray, steps: int, device: torch.device, seed: int = 0,
+             bidirectional: bool = False, progress=None, cancel=None):
+    """Per-case optimisation of a copy of the model: `steps` Adam steps of its own loss on this pair.
+
+    Steps alternate between source -> target and the identity pair source -> source. With one pair
+    alone the deformation network can read the whole field off the source and ignore the latent
+    code, so gamma would change nothing; the identity pair makes the field come from the code
+    (bidirectional adds target -> source and target -> target).
+    """
+    torch.manual_seed(seed)
+    net = copy.deepcopy(net).to(device).train()
+    cfg = net.config
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.fit_lr, betas=cfg.adam_betas)
+    s = torch.from_numpy(source)[None, None].to(device)
+    t = torch.from_numpy(target)[None, None].to(device)
+    pairs = [(s, t), (s, s)] + ([(t, s), (t, t)] if bidirectional else [])
+    losses = []
+    every = max(1, steps // 20)
+    for step in range(steps):
+        a, b = pairs[step % len(pairs)]
+        with autocast(device):
+            loss = net.training_losses(a, b)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if progress and (step % every == 0 or step == steps - 1):
+            progress(0.05 + 0.6 * (step + 1) / steps, f"fitting {step + 1}/{steps}: loss {losses[-1]:.4f}")
+        _check_cancel(cancel)
+    return net.eval(), losses
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+def _gammas(frames: int | None, gammas: Sequence[float] | None) -> list[float]:
+    if gammas is not None:
+        values = [float(g) for g in gammas]
+        if not values:
+            raise InputError("no gammas given; give values in [0, 1], e.g. --gammas 0,0.5,1")
+        bad = [g for g in values if not (0.0 <= g <= 1.0) or np.isnan(g)]
+        if bad:
+            raise InputError(f"gammas must lie in [0, 1]; got {bad}")
+        return values
+    if frames is None or int(frames) < 2:
+        raise InputError(f"--frames must be at least 2 (source and target), got {frames}")
+    return [float(g) for g in np.linspace(0.0, 1.0, int(frames))]
+
+
+def _as_image(value, what: str) -> sitk.Image:
+    if isinstance(value, sitk.Image):
+        if value.GetNumberOfComponentsPerPixel() != 1:
+            raise InputError(f"the {what} image has {value.GetNumberOfComponentsPerPixel()} components; give a scalar volume")
+        if value.GetDimension() == 4:
+            raise InputError(f"the {what} image is 4D; pass one frame")
+        img = sitk.Cast(value, sitk.sitkFloat32)
+        if img.GetDimension() == 2:
+            img = sitk.JoinSeries(img)
+        arr = sitk.GetArrayViewFromImage(img)
+        if not np.isfinite(arr).all():
+            raise InputError(f"the {what} image contains NaN or infinite values; fix or mask them first")
+        if float(arr.max()) == float(arr.min()):
+            raise InputError(f"the {what} image is constant (empty); give an image with content")
+        return img
+    return read_image(value)
+
+
+def _as_labels(seg, source: sitk.Image) -> sitk.Image:
+    labels = seg if isinstance(seg, sitk.Image) else read_labels(seg)
+    if labels.GetDimension() == 2:
+        labels = sitk.JoinSeries(labels)
+    labels = sitk.Cast(labels, sitk.sitkUInt8)
+    if not same_geometry(labels, source):
+        labels = resample_to_reference(labels, source, "nearest", 0)
+    return labels
+
+
+def _resolve_model(model, spatial_dims: int, fit_steps: int):
+    """(network, description). Models are checked against the input's dimensionality."""
+    if model is None or (isinstance(model, str) and model.lower() == "none"):
+        if not fit_steps:
+            raise InputError("--model none starts from an untrained model; give --fit-steps K (e.g. 200) to fit it to this pair")
+        return DDM(DDMConfig.for_dims(spatial_dims)), "none"
+    if isinstance(model, str) and model == "default":
+        path = bundled_model_path(spatial_dims)
+        if path is None:
+            raise InputError(f"no bundled {spatial_dims}D model is installed; pass --model FILE.safetensors, "
+                             "or --model none --fit-steps K")
+        model = path
+    if isinstance(model, (str, os.PathLike)):
+        net = _load_model_file(Path(model))
+        name = str(model)
+    else:
+        net, name = model, getattr(model, "name", type(model).__name__)
+    if net.config.spatial_dims != spatial_dims:
+        kind = "single-slice (2D)" if net.config.spatial_dims == 2 else "3D"
+        have = "a single slice" if spatial_dims == 2 else "a 3D volume"
+        raise InputError(f"model {name} was trained for {kind} images but the source is {have}; "
+                         f"use a {spatial_dims}D model or --model none --fit-steps K")
+    return net, name
+
+
+def _load_model_file(path: Path):
+    try:
+        from .baselines import load_any_model
+    except ImportError:  # baselines need the optional voxelmorph package only for VM models
+        from .checkpoint import load_model as load_any_model
+    return load_any_model(path, "cpu")
+
+
+def _covering_spacing(source: sitk.Image, size, spacing) -> tuple[float, ...]:
+    """For an untrained model: a grid spacing that covers the whole in-plane field of view."""
+    extent = [n * s for n, s in zip(source.GetSize(), source.GetSpacing())]
+    return tuple(max(sp, extent[i] / n) if i < 2 else sp for i, (n, sp) in enumerate(zip(size, spacing)))
+
+
+def _run_model(net, src_arr, tgt_arr, gammas, device, mode, chunk_size, subtract_gamma0, messages):
+    """Latent code + batched deformation; on CUDA out-of-memory retry with smaller chunks, then CPU."""
+    while True:
+        try:
+            return _run_on(net, src_arr, tgt_arr, gammas, device, mode, chunk_size, subtract_gamma0)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            current = chunk_size or net.auto_chunk_size(torch.zeros((1, 1) + src_arr.shape))
+            if current > 1:
+                chunk_size = max(1, current // 2)
+                messages.append(f"GPU out of memory: retrying with {chunk_size} gammas per pass")
+            else:
+                device = torch.device("cpu")
+                messages.append("GPU out of memory even one gamma at a time: continuing on the CPU")
+            print(f"ddm4d generate: {messages[-1]}", file=sys.stderr)
+
+
+def _run_on(net, src_arr, tgt_arr, gammas, device, mode, chunk_size, subtract_gamma0):
+    net = net.to(device).eval()
+    s = torch.from_numpy(src_arr)[None, None].to(device)
+    t = torch.from_numpy(tgt_arr)[None, None].to(device)
+    has_code = isinstance(net, DDM)
+    options = dict(subtract_gamma0=subtract_gamma0, chunk_size=chunk_size)
+    _sync(device)
+    t0 = time.perf_counter()
+    with autocast(device):
+        code = net.latent_code(s, t) if has_code else None
+        _sync(device)
+        t1 = time.perf_counter()
+        gen = net.generate(s, t, gammas, **options, **({"code": code} if has_code else {}))
+        back = None
+        if mode == "bidirectional":
+            back = net.generate(t, s, [1.0 - g for g in gammas], **options)
+    _sync(device)
+    return gen, back, device, t1 - t0, time.perf_counter() - t1
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cross_fade(forward: sitk.Image, backward: sitk.Image, gamma: float) -> sitk.Image:
+    out = sitk.Cast(forward, sitk.sitkFloat32) * (1.0 - gamma) + sitk.Cast(backward, sitk.sitkFloat32) * gamma
+    return sitk.Cast(out, forward.GetPixelID())
+
+
+def _check_cancel(cancel) -> None:
+    if cancel is not None and cancel():
+        raise Cancelled("generation cancelled")
+
+
+# ------------------------------------------------------------------------------------------ outputs
+
+def write_sequence_nrrd(images: Sequence[sitk.Image], path: str | os.PathLike, index_values: Sequence[float],
+                        index_name: str = "gamma", node_class: str = "vtkMRMLScalarVolumeNode") -> Path:
+    """A Slicer volume sequence (.seq.nrrd): one 4D NRRD, list axis last, items on one shared grid."""
+    ref = images[0]
+    data = np.stack([sitk.GetArrayViewFromImage(img) for img in images])  # (n, k, j, i): i fastest
+    nrrd_type = {np.dtype("float32"): "float", np.dtype("float64"): "double", np.dtype("uint8"): "uint8",
+                 np.dtype("int16"): "int16", np.dtype("uint16"): "uint16", np.dtype("int32"): "int32"}[data.dtype]
+    direction = np.asarray(ref.GetDirection()).reshape(3, 3)
+    columns = [direction[:, a] * ref.GetSpacing()[a] for a in range(3)]
+    vec = lambda v: "(" + ",".join(f"{x:.17g}" for x in v) + ")"  # noqa: E731
+    header = [
+        "NRRD0004", "# Slicer volume sequence written by ddm4d",
+        f"type: {nrrd_type}", "dimension: 4", "space: left-posterior-superior",
+        f"sizes: {' '.join(str(s) for s in ref.GetSize())} {len(images)}",
+        f"space directions: {' '.join(vec(c) for c in columns)} none",
+        "kinds: domain domain domain list", f'labels: "" "" "" "{index_name}"',
+        "endian: little", "encoding: gzip", f"space origin: {vec(ref.GetOrigin())}",
+        "axis 3 index type:=numeric",
+        "axis 3 index values:=" + " ".join(f"{v:.6g}" for v in index_values),
+        f"DataNodeClassName:={node_class}",
+    ]
+    import gzip
+
+    payload = gzip.compress(np.ascontiguousarray(data).astype(data.dtype.newbyteorder("<")).tobytes(), 6)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(("\n".join(header) + "\n\n").encode("ascii"))
+            f.write(payload)
+
+    from .checkpoint import atomic_write
+
+    return atomic_write(path, write)
+
+
+def _write_outputs(result: GenerationResult, out_dir: Path, quicklook: bool) -> dict[str, Any]:
+    out_dir = out_dir.resolve()
+    parent = out_dir.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"cannot create output folder {out_dir} ({err.strerror}); choose a writable --out") from None
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"output {out_dir} exists and is a file; choose a folder for --out")
+    if not os.access(parent, os.W_OK) or (out_dir.exists() and not os.access(out_dir, os.W_OK)):
+        raise InputError(f"output folder {out_dir} is not writable; choose another --out")
+    t0 = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=parent))
+    try:
+        report = _write_into(result, tmp, out_dir, quicklook)
+        report["timings_s"]["write"] = time.perf_counter() - t0
+        (tmp / "report.json").write_text(json.dumps(report, indent=2))
+        if out_dir.exists():
+            old = parent / f".{out_dir.name}.old-{os.getpid()}"
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def _write_into(result: GenerationResult, tmp: Path, final: Path, quicklook: bool) -> dict[str, Any]:
+    n = len(result.gammas)
+    frame_paths, field_paths, jac_paths, label_paths = [], [], [], []
+    for i in range(n):
+        frame_paths.append(f"frames/frame_{i:03d}.nii.gz")
+        write_image(result.frames[i], tmp / frame_paths[-1])
+        field_paths.append(f"fields/field_{i:03d}.nrrd")
+        write_image(result.fields[i], tmp / field_paths[-1])
+        jac_paths.append(f"fields/jacobian_{i:03d}.nii.gz")
+        write_image(sitk.Cast(jacobian_determinant(result.fields[i]), sitk.sitkFloat32), tmp / jac_paths[-1])
+    write_cine(result.frames, tmp / "frames_4d.nii.gz")
+    write_sequence_nrrd(result.frames, tmp / "frames.seq.nrrd", result.gammas)
+    report: dict[str, Any] = {
+        "gammas": result.gammas, "frames": [str(final / p) for p in frame_paths],
+        "fields": [str(final / p) for p in field_paths], "jacobians": [str(final / p) for p in jac_paths],
+        "frames_4d": str(final / "frames_4d.nii.gz"), "sequence": str(final / "frames.seq.nrrd"),
+        "device": result.device, "model": result.model, "mode": result.mode,
+        "timings_s": dict(result.timings_s), "folding_fraction": result.folding_fraction,
+        "field_convention": "LPS millimetres, pull: frame(x) = source(x + u(x)); SimpleITK DisplacementFieldTransform",
+        "model_grid": {"size": list(result.mapping.grid.GetSize()), "spacing": list(result.mapping.grid.GetSpacing()),
+                       "origin": list(result.mapping.grid.GetOrigin())},
+        "messages": result.messages,
+    }
+    if result.fit_losses:
+        report["fit"] = {"steps": len(result.fit_losses), "first_loss": result.fit_losses[0],
+                         "last_loss": result.fit_losses[-1]}
+    if result.labels:
+        for i, img in enumerate(result.labels):
+            label_paths.append(f"labels/labels_{i:03d}.nii.gz")
+            write_image(img, tmp / label_paths[-1])
+        write_sequence_nrrd(result.labels, tmp / "labels.seq.nrrd", result.gammas, node_class="vtkMRMLLabelMapVolumeNode")
+        report["labels"] = [str(final / p) for p in label_paths]
+        report["labels_sequence"] = str(final / "labels.seq.nrrd")
+        report.update(_write_volumes(result, tmp, final))
+    if quicklook:
+        report.update(_write_quicklook(result, tmp, final))
+    return report
+
+
+def _write_volumes(result: GenerationResult, tmp: Path, final: Path) -> dict[str, Any]:
+    volumes = result.label_volumes_ml()
+    with open(tmp / "volumes.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["frame", "gamma"] + [f"{STRUCTURE_NAMES[k]} (mL)" for k in VOLUME_STRUCTURES])
+        for i, (g, v) in enumerate(zip(result.gammas, volumes)):
+            writer.writerow([i, f"{g:.4f}"] + [f"{v[k]:.3f}" for k in VOLUME_STRUCTURES])
+    first, last = volumes[0]["lv_blood_pool"], volumes[-1]["lv_blood_pool"]
+    ef = (first - last) / first if first > 0 else None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key in VOLUME_STRUCTURES:
+        ax.plot(result.gammas, [v[key] for v in volumes], marker="o", label=STRUCTURE_NAMES[key])
+    ax.set_xlabel("gamma (source to target)")
+    ax.set_ylabel("volume (mL)")
+    title = "Propagated label volumes"
+    if ef is not None:
+        title += f"; LV ejection fraction {100 * ef:.1f}% (first vs last frame)"
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(tmp / "volumes.png", dpi=100)
+    plt.close(fig)
+    return {"volumes_ml": volumes, "ejection_fraction": ef, "volumes_csv": str(final / "volumes.csv"),
+            "volumes_png": str(final / "volumes.png")}
+
+
+def _middle_slices(result: GenerationResult) -> list[np.ndarray]:
+    arrays = [sitk.GetArrayViewFromImage(f) for f in result.frames]
+    k = arrays[0].shape[0] // 2
+    lo, hi = np.percentile(np.stack([a[k] for a in arrays]), [1, 99])
+    return [np.clip((a[k] - lo) / max(hi - lo, 1e-6), 0, 1) for a in arrays]
+
+
+def _write_quicklook(result: GenerationResult, tmp: Path, final: Path) -> dict[str, Any]:
+    """Montage PNG and animated GIF of the middle slice over the frames."""
+    from PIL import Image
+
+    slices = [(255 * s).astype(np.uint8) for s in _middle_slices(result)]
+    frames = [Image.fromarray(s) for s in slices]
+    h, w = slices[0].shape
+    cols = min(len(frames), 5)
+    rows = (len(frames) + cols - 1) // cols
+    montage = Image.new("L", (cols * w, rows * h))
+    for i, im in enumerate(frames):
+        montage.paste(im, ((i % cols) * w, (i // cols) * h))
+    montage.save(tmp / "montage.png")
+    loop = frames + frames[-2:0:-1]  # forth and back, like a beating heart
+    loop[0].save(tmp / "frames.gif", save_all=True, append_images=loop[1:], duration=120, loop=0)
+    return {"montage": str(final / "montage.png"), "gif": str(final / "frames.gif")}
+
+
+# ------------------------------------------------------------------------------------------ the CLI
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--source", required=True, help="source volume (e.g. end-diastole): NIfTI, NRRD, MHA or DICOM folder")
+    parser.add_argument("--target", required=True, help="target volume (e.g. end-systole)")
+    parser.add_argument("--out", required=True, help="output folder (written atomically)")
+    parser.add_argument("--model", default="default",
+                        help="model .safetensors file, 'default' (bundled) or 'none' (untrained; needs --fit-steps)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--frames", type=int, default=10, help="number of frames including source and target (default 10)")
+    group.add_argument("--gammas", help="explicit comma-separated gammas in [0, 1], e.g. 0,0.25,0.5,1")
+    parser.add_argument("--fit-steps", type=int, default=0, help="per-case optimisation steps on this pair before generating")
+    parser.add_argument("--seg", help="labels on the source to propagate to every frame (nearest neighbour)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    parser.add_argument("--mode", default="forward", choices=["forward", "bidirectional"],
+                        help="forward (the paper) or bidirectional (cross-fade with the reverse generation)")
+    parser.add_argument("--center", help="LPS point x,y,z in mm on which to centre the model's field of view")
+    parser.add_argument("--no-subtract-gamma0", action="store_true",
+                        help="the paper's plain behaviour: do not subtract the field at gamma = 0")
+    parser.add_argument("--chunk-size", type=int, help="gammas per deformation pass (default: as many as fit)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for --fit-steps")
+    parser.add_argument("--no-quicklook", action="store_true", help="skip the montage PNG and GIF")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def _parse_floats(text: str, what: str, count: int | None = None) -> list[float]:
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise InputError(f"{what} must be comma-separated numbers, got {text!r}") from None
+    if count is not None and len(values) != count:
+        raise InputError(f"{what} needs {count} comma-separated numbers, got {text!r}")
+    return values
+
+
+def main(args) -> int:
+    gammas = _parse_floats(args.gammas, "--gammas") if args.gammas else None
+    center = _parse_floats(args.center, "--center", 3) if args.center else None
+    if args.chunk_size is not None and args.chunk_size < 1:
+        raise InputError(f"--chunk-size must be at least 1, got {args.chunk_size}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output {out} exists and is a file; choose a folder for --out")
+    probe = out if out.exists() else next((p for p in out.resolve().parents if p.exists()), Path("/"))
+    if not os.access(probe, os.W_OK):
+        raise InputError(f"output folder {out} is not writable (no write permission in {probe}); choose another --out")
+
+    def progress(fraction: float, message: str) -> None:
+        if not args.quiet:
+            print(f"[{100 * fraction:5.1f}%] {message}", file=sys.stderr, flush=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        result = generate(args.source, args.target, model=args.model, frames=args.frames, gammas=gammas,
+                          fit_steps=args.fit_steps, seg=args.seg, device=args.device, mode=args.mode,
+                          center=center, progress=progress, seed=args.seed, chunk_size=args.chunk_size,
+                          subtract_gamma0=False if args.no_subtract_gamma0 else None)
+    report = result.write(out, quicklook=not args.no_quicklook)
+    t = report["timings_s"]
+    print(f"wrote {len(result.frames)} frames to {out} on {result.device} in {t['total'] + t['write']:.2f} s "
+          f"(model {t.get('code', 0) + t.get('deform', 0):.2f} s); max folding {100 * max(result.folding_fraction):.3f}%")
+    if report.get("ejection_fraction") is not None:
+        print(f"LV ejection fraction from propagated labels: {100 * report['ejection_fraction']:.1f}%")
+    return 0
