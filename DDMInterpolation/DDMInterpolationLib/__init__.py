@@ -1,0 +1,16 @@
+"""Logic of the DDMInterpolation module: MRML nodes <-> ddm4d, no Qt (runs headless under slicer-core)."""
+from .BackgroundProcess import BackgroundProcess, parseProgressLine, processEnvironment
+from .Logic import DDMInterpolationLogic, GenerateCommand, GenerationInputs
+from .Requirements import InstallError, ensureRequirements, requirementsMet
+
+__all__ = [
+    "BackgroundProcess",
+    "DDMInterpolationLogic",
+    "GenerateCommand",
+    "GenerationInputs",
+    "InstallError",
+    "ensureRequirements",
+    "parseProgressLine",
+    "processEnvironment",
+    "requirementsMet",
+]
