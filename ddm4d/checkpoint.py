@@ -47,19 +47,24 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
+_PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin"}
+
+
 def _refuse_non_safetensors(path: Path) -> None:
+    """Only a safetensors layout passes: 8-byte little-endian header length, then a JSON header."""
     if not path.is_file():
         raise InputError(f"model file {path} does not exist; pass a .safetensors file written by ddm4d")
+    pickle_message = (f"{path} looks like a PyTorch pickle/zip checkpoint; ddm4d never unpickles files "
+                      "(they can run code). Use a .safetensors model written by ddm4d")
+    if path.suffix in _PICKLE_SUFFIXES:
+        raise InputError(pickle_message)
     with open(path, "rb") as f:
-        head = f.read(16)
-    if head[:2] == b"PK" or head[:1] == b"\x80" or path.suffix in {".pt", ".pth", ".pkl", ".ckpt", ".bin"}:
-        raise InputError(f"{path} looks like a PyTorch pickle/zip checkpoint; ddm4d never unpickles files "
-                         "(they can run code). Use a .safetensors model written by ddm4d")
-    if len(head) < 9:
-        raise InputError(f"{path} is not a safetensors file (too short); pass a .safetensors model written by ddm4d")
-    header_len = int.from_bytes(head[:8], "little")
-    if head[8:9] != b"{" or header_len > path.stat().st_size:
-        raise InputError(f"{path} is not a safetensors file; pass a .safetensors model written by ddm4d")
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= path.stat().st_size:
+        return
+    if head[:2] == b"PK" or head[:1] == b"\x80":  # zip archive (torch.save) or pickle protocol 2+
+        raise InputError(pickle_message)
+    raise InputError(f"{path} is not a safetensors file; pass a .safetensors model written by ddm4d")
 
 
 def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
