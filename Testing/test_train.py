@@ -1,0 +1,314 @@
+"""`ddm4d train`: events, run folder, exact resume, damaged checkpoints, signals, lock, bad input, DDP, baselines.
+
+Most runs use single-slice (2D) phantoms on a 32 x 32 grid so that each test stays within seconds; one
+end-to-end run is 3D. Training runs in-process through ddm4d.cli.main except where a real process is
+the point (signals, torchrun).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddm4d.baselines import BaselineModel, load_any_model
+from ddm4d.checkpoint import load_model, load_tensors
+from ddm4d.cli import main as cli
+from ddm4d.model import DDM
+from ddm4d.phantom import write_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+GRID_2D = ["--size", "32", "32", "--device", "cpu"]
+EVENT_FIELDS = {
+    "start": {"run_dir": str, "method": str, "device": str, "iteration": int, "total_iterations": int,
+              "epochs": int, "subjects": int, "validation_subjects": int, "config": dict},
+    "iteration": {"iteration": int, "epoch": int, "loss": float, "diffusion": float, "ncc": float,
+                  "smooth": float, "lr": float, "elapsed_s": float, "eta_s": float, "it_per_s": float},
+    "epoch": {"epoch": int, "iteration": int, "loss": float},
+    "checkpoint": {"iteration": int, "path": str},
+    "validation": {"iteration": int, "loss": float, "ncc": float, "best": bool},
+    "done": {"iteration": int, "model": str, "elapsed_s": float, "stopped": bool},
+    "error": {"message": str},
+}
+
+
+@pytest.fixture(scope="module")
+def data2d(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("phantom2d")
+    write_dataset(root, n_subjects=2, seed=0, size=(32, 32, 1))
+    return root
+
+
+@pytest.fixture(scope="module")
+def data3d(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("phantom3d")
+    write_dataset(root, n_subjects=2, seed=0, size=(32, 32, 8))
+    return root
+
+
+def train(capsys, *args) -> tuple[int, list[dict], str]:
+    """Run `ddm4d train ... --progress json` in-process: (exit code, stdout events, stderr)."""
+    capsys.readouterr()
+    code = cli(["train", *map(str, args), "--progress", "json"])
+    out, err = capsys.readouterr()
+    return code, [json.loads(line) for line in out.splitlines()], err
+
+
+def check_events(events: list[dict]) -> None:
+    """Every event has the documented fields with the documented types."""
+    for event in events:
+        fields = EVENT_FIELDS[event["event"]]
+        for name, kind in fields.items():
+            value = event[name]
+            if kind is float:
+                assert isinstance(value, (int, float)) and not isinstance(value, bool), (event, name)
+            else:
+                assert isinstance(value, kind), (event, name)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_tensors(path)[0]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), f"{key} differs"
+
+
+# ---------------------------------------------------------------------------------------- end to end
+
+def test_end_to_end_3d_json_events_and_run_folder(data3d, tmp_path, capsys):
+    run = tmp_path / "run"
+    code, events, err = train(capsys, data3d, "--out", run, "--iterations", 2, "--size", 32, 32, 16,
+                              "--device", "cpu", "--checkpoint-every", 1)
+    assert code == 0, err
+    check_events(events)
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "done"
+    assert kinds.count("iteration") == 2 and kinds.count("checkpoint") == 2 and "validation" in kinds
+    start = events[0]
+    assert (start["iteration"], start["total_iterations"], start["method"]) == (0, 2, "ddm")
+    assert (start["subjects"], start["validation_subjects"]) == (1, 1)
+    assert start["config"]["spatial_dims"] == 3 and start["config"]["image_size"] == [32, 32, 16]
+    assert events[-1]["stopped"] is False and Path(events[-1]["model"]) == run / "model.safetensors"
+
+    for name in ("config.json", "model.safetensors", "model_best.safetensors", "log.jsonl", "loss_curve.png",
+                 "checkpoints/best.safetensors", "checkpoints/ckpt_00000002.safetensors"):
+        assert (run / name).is_file(), name
+    assert not (run / ".lock").exists()
+    logged = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert logged == events  # log.jsonl holds the same events
+    model = load_model(run / "model.safetensors")
+    assert isinstance(model, DDM) and model.config.image_size == (32, 32, 16)
+    assert model.info["iteration"] == 2
+    config = json.loads((run / "config.json").read_text())
+    assert config["method"] == "ddm" and config["config"]["lr"] == 2e-4 and config["config"]["loss_lambda"] == 20
+
+
+# ----------------------------------------------------------------------------------------- resume
+
+def test_interrupted_and_resumed_run_is_bit_identical(data2d, tmp_path, capsys):
+    common = [data2d, *GRID_2D, "--checkpoint-every", 3, "--seed", 7, "--ema", 0.9, "--augment"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert train(capsys, *common, "--out", whole, "--iterations", 6)[0] == 0
+    assert train(capsys, *common, "--out", part, "--iterations", 3)[0] == 0
+    code, events, _ = train(capsys, data2d, "--out", part, "--resume", "--iterations", 6, "--device", "cpu")
+    assert code == 0
+    assert events[0]["iteration"] == 3 and events[-1]["iteration"] == 6
+    assert_same_weights(whole / "model.safetensors", part / "model.safetensors")  # the EMA weights
+    assert_same_weights(whole / "model_raw.safetensors", part / "model_raw.safetensors")
+    assert_same_weights(whole / "checkpoints/ckpt_00000006.safetensors",
+                        part / "checkpoints/ckpt_00000006.safetensors")
+    # the log is the history of one run: iterations 1..6 once each
+    logged = [json.loads(line) for line in (part / "log.jsonl").read_text().splitlines()]
+    assert [e["iteration"] for e in logged if e["event"] == "iteration"] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "header"])
+def test_damaged_last_checkpoint_falls_back_to_previous(data2d, tmp_path, capsys, damage):
+    run = tmp_path / "run"
+    assert train(capsys, data2d, "--out", run, *GRID_2D, "--iterations", 2, "--checkpoint-every", 1)[0] == 0
+    last = run / "checkpoints/ckpt_00000002.safetensors"
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00garbage" + data[8:])
+    code, events, err = train(capsys, data2d, "--out", run, "--resume", "--device", "cpu")
+    assert code == 0, err
+    assert "ckpt_00000002.safetensors is unreadable" in err and "warning" in err
+    assert events[0]["iteration"] == 1  # resumed from the previous checkpoint ...
+    assert events[-1]["iteration"] == 2  # ... and trained again up to the end, rewriting the damaged one
+    load_tensors(last)
+
+
+def test_resume_refuses_other_settings_and_new_run_refuses_used_folder(data2d, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(capsys, data2d, "--out", run, *GRID_2D, "--iterations", 1)[0] == 0
+    code, events, err = train(capsys, data2d, "--out", run, "--resume", "--lr", "1e-3", "--device", "cpu")
+    assert code == 2 and "lr: 0.0002 -> 0.001" in err and len(err.strip().splitlines()) == 1
+    assert events == [{"event": "error", "message": events[0]["message"]}]
+    code, _, err = train(capsys, data2d, "--out", run, *GRID_2D, "--iterations", 1)
+    assert code == 2 and "--resume" in err and "another --out" in err
+
+
+# ------------------------------------------------------------------------------------ lock, input
+
+def test_locked_run_dir_is_refused_and_stale_lock_taken_over(data2d, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / ".lock").write_text(f"{holder.pid} {os.uname().nodename}\n")
+        code, _, err = train(capsys, data2d, "--out", run, *GRID_2D, "--iterations", 1)
+        assert code == 2 and f"in use by training process {holder.pid}" in err
+        assert len(err.strip().splitlines()) == 1
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is dead now: its lock is stale and taken over
+    code, events, err = train(capsys, data2d, "--out", run, *GRID_2D, "--iterations", 1)
+    assert code == 0 and "stale lock" in err and events[-1]["event"] == "done"
+    assert not (run / ".lock").exists()
+
+
+@pytest.mark.parametrize("case", ["missing", "empty"])
+def test_bad_data_folder_exits_2_with_one_line(tmp_path, capsys, case):
+    data = tmp_path / "data"
+    if case == "empty":
+        data.mkdir()
+    out = tmp_path / "run"
+    capsys.readouterr()
+    code = cli(["train", str(data), "--out", str(out), "--device", "cpu"])
+    _, err = capsys.readouterr()
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ddm4d train: error:") and str(data) in lines[0]
+    assert not out.exists()  # nothing left behind by a run that never started
+
+
+def test_bad_options_exit_2(data2d, tmp_path, capsys):
+    for args, message in ((["--iterations", "0"], "--iterations must be at least 1"),
+                          (["--ema", "1.5"], "--ema"),
+                          (["--size", "32", "32", "16"], "2D model")):
+        code, _, err = train(capsys, data2d, "--out", tmp_path / "run", "--device", "cpu", *args)
+        assert code == 2 and message in err, err
+
+
+# ----------------------------------------------------------------------------------------- signals
+
+def start_training(run: Path, data: Path, *args) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "ddm4d", "train", str(data), "--out", str(run), *GRID_2D,
+           "--iterations", "1000", "--progress", "json", *map(str, args)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+
+
+def signal_after(proc: subprocess.Popen, sig: int, event: str, count: int = 1) -> tuple[list[dict], str]:
+    """Read events until the `count`-th `event`, send `sig`, collect the rest: (events, stderr)."""
+    events = []
+    try:
+        for line in proc.stdout:
+            events.append(json.loads(line))
+            if sum(e["event"] == event for e in events) == count:
+                proc.send_signal(sig)
+                break
+        rest, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    return events + [json.loads(line) for line in rest.splitlines()], err
+
+
+@pytest.mark.parametrize("sig, expected", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_stops_after_a_checkpoint(data2d, tmp_path, sig, expected):
+    run = tmp_path / "run"
+    proc = start_training(run, data2d, "--checkpoint-every", 1000)
+    events, err = signal_after(proc, sig, "iteration")
+    assert proc.returncode == expected, err
+    done = events[-1]
+    assert done["event"] == "done" and done["stopped"] is True and 1 <= done["iteration"] < 1000
+    saved = [e for e in events if e["event"] == "checkpoint"]
+    assert saved and saved[-1]["iteration"] == done["iteration"]
+    _, meta = load_tensors(saved[-1]["path"])
+    assert meta["state"]["iteration"] == done["iteration"]
+    assert not (run / ".lock").exists()
+
+
+# ------------------------------------------------------------------------------------ distributed
+
+def test_two_process_gloo_run_writes_files_once(tmp_path):
+    data = tmp_path / "data"
+    write_dataset(data, n_subjects=2, seed=1, size=(32, 32, 1))
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "ddm4d", "train", str(data), "--out", str(run), *GRID_2D, "--iterations", "2",
+           "--validation-fraction", "0", "--checkpoint-every", "2", "--progress", "json"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = [json.loads(line) for line in result.stdout.splitlines()]
+    logged = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    for events in (printed, logged):
+        kinds = [e["event"] for e in events]
+        assert kinds.count("start") == 1 and kinds.count("done") == 1 and kinds.count("iteration") == 2
+        assert [e["iteration"] for e in events if e["event"] == "iteration"] == [1, 2]
+    assert printed[0]["world_size"] == 2 and printed[0]["subjects"] == 2
+    assert load_model(run / "model.safetensors").info["iteration"] == 2
+
+
+# -------------------------------------------------------------------------------------- baselines
+
+@pytest.mark.parametrize("method", ["vm", "vmdiff"])
+def test_baselines_train_with_ema_and_augmentation(data2d, tmp_path, capsys, method):
+    pytest.importorskip("voxelmorph")
+    run = tmp_path / method
+    code, events, err = train(capsys, data2d, "--out", run, *GRID_2D, "--iterations", 3, "--method", method,
+                              "--ema", 0.9, "--augment", "--checkpoint-every", 3)
+    assert code == 0, err
+    check_events(events)
+    assert events[0]["method"] == method
+    assert all(e["diffusion"] == 0 for e in events if e["event"] == "iteration")
+    model = load_any_model(run / "model.safetensors")
+    assert isinstance(model, BaselineModel) and model.method == method and model.config.spatial_dims == 2
+    raw = load_any_model(run / "model_raw.safetensors")  # --ema: the averaged weights are the model
+    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), raw.state_dict().values()))
+    source = torch.linspace(-1, 1, 32 * 32).view(1, 1, 32, 32)
+    frame0 = model.generate(source, source.flip(-1), [0.0]).frames
+    assert torch.allclose(frame0, source, atol=1e-5)
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(data2d, tmp_path, capsys):
+    """kill -9 between checkpoints: no damaged file, a stale lock, and --resume carries on from the last one."""
+    run = tmp_path / "run"
+    proc = start_training(run, data2d, "--checkpoint-every", 1)
+    events, _ = signal_after(proc, signal.SIGKILL, "checkpoint", count=2)
+    assert proc.returncode == -signal.SIGKILL
+    assert events[-1]["event"] != "done" and (run / ".lock").exists()
+    saved = sorted(int(p.stem.split("_")[1]) for p in (run / "checkpoints").glob("ckpt_*.safetensors"))
+    code, resumed, err = train(capsys, data2d, "--out", run, "--resume", "--iterations", saved[-1] + 1,
+                               "--device", "cpu")
+    assert code == 0, err
+    assert "stale lock" in err and "unreadable" not in err
+    assert resumed[0]["iteration"] == saved[-1] and resumed[-1]["iteration"] == saved[-1] + 1
+    assert not list((run / "checkpoints").glob(".*.tmp"))  # a temp file of a killed write is cleared away
+
+
+def test_dataset_problems_are_warnings(data2d, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(data2d, data)
+    (data / "patient002" / "Info.cfg").write_text("ED: 1\n")  # no ES, no NbFrame
+    code, events, err = train(capsys, data, "--out", tmp_path / "run", *GRID_2D, "--iterations", 1)
+    assert code == 0, err
+    assert "warning: skipping patient002" in err and "ES" in err
+    assert events[0]["subjects"] == 1 and events[0]["validation_subjects"] == 0
+
+
+def test_spatial_dims_2_refuses_volumes(data3d, tmp_path, capsys):
+    code, _, err = train(capsys, data3d, "--out", tmp_path / "run", "--spatial-dims", 2, "--device", "cpu")
+    assert code == 2 and "single-slice" in err

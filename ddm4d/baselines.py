@@ -1,0 +1,221 @@
+"""The paper's baselines, VM and VM-diff, built from the VoxelMorph PyPI package behind DDM's interface.
+
+Why a wrapper: generation and evaluation code takes "a model" and calls ``.config``,
+``.training_losses(source, target)`` and ``.generate(source, target, gammas)``; :class:`BaselineModel`
+answers the same calls as :class:`ddm4d.model.DDM`, so the Table 1 comparison runs one code path.
+
+- VM: ``voxelmorph.nn.models.VxmPairwise`` without integration; the frame at gamma warps the source
+  with gamma * phi (the registration field scaled, as in the paper).
+- VM-diff: the same network predicts a stationary velocity field v; the frame at gamma warps the source
+  with exp(gamma * v), integrated by scaling and squaring (VoxelMorph's own integrator).
+
+Conventions were checked against the installed package (Testing/test_baselines.py): VoxelMorph's field
+has one channel per tensor axis in tensor order, in voxels, and pulls (``meshgrid + disp`` sampled
+with ``align_corners=True``) -- the convention of :mod:`ddm4d.warp`, so no conversion is needed.
+
+Loss: DDM's own deformation term, lambda * (-NCC_9(S o phi, T) + lambda_R * |grad f|^2) from
+:mod:`ddm4d.losses`, where f is the network output (the displacement for VM, the velocity for VM-diff,
+as VoxelMorph regularises the pre-integration field). neurite's NCC expects intensities in [0, 1];
+ours is the same local NCC but works on the [-1, 1] images both models see, so the baselines and DDM
+are trained on identical inputs with an identical similarity. The constant lambda does not change
+Adam's updates (up to its eps); it keeps the logged losses on DDM's scale.
+
+Model files: safetensors weights + JSON metadata ``{"format": "ddm4d-baseline", "method", "config",
+"integration_steps", "nb_features", "info"}``; nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import MODEL_FORMAT, load_model, load_tensors, read_model_metadata, save_tensors
+from .config import DDMConfig
+from .errors import InputError
+from .losses import local_ncc, smoothness
+from .model import DEFORM_BYTES_PER_VOXEL, Generation
+from .networks.blocks import crop_to, pad_to_multiple
+from .warp import warp
+
+BASELINE_FORMAT = "ddm4d-baseline"
+METHODS = ("vm", "vmdiff")
+#: scaling-and-squaring steps of VM-diff (VoxelMorph's default int_steps)
+VMDIFF_INTEGRATION_STEPS = 7
+
+
+def vxm_features(config: DDMConfig) -> list[list[int]]:
+    """Our deformation network's sizes in ``BasicUNet`` terms (encoder, decoder) at the same depth.
+
+    BasicUNet convolves then pools at each encoder level and opens the decoder with a bottleneck of
+    ``decoder[0]`` channels; its last decoder size is repeated once. With encoder[:4] and decoder[:4]
+    it has our resolutions and widths: 16, 32, 32, 32 down to 1/8, 32 at 1/16, then 32, 32, 8, 8 back
+    up (VoxelMorph-1 adds one more 32 at 1/2 that BasicUNet cannot express).
+    """
+    return [list(config.encoder_channels[:4]), list(config.decoder_channels[:4])]
+
+
+def _voxelmorph():
+    """Imported on first use: an optional dependency (pip install 'ddm4d[baselines]')."""
+    try:
+        import voxelmorph
+    except ImportError as err:
+        raise InputError(f"the VM/VM-diff baselines need the voxelmorph package ({err}); "
+                         "install it with: pip install 'ddm4d[baselines]'") from None
+    return voxelmorph
+
+
+class BaselineModel(nn.Module):
+    """VM ("vm") or VM-diff ("vmdiff") with the interface of :class:`ddm4d.model.DDM`.
+
+    Shapes: source and target (batch, 1, *spatial) in [-1, 1]; fields (batch, ndim, *spatial) in voxels
+    of the model grid, pull, channel i along tensor axis 2 + i.
+    """
+
+    def __init__(self, config: DDMConfig | None = None, method: str = "vm",
+                 integration_steps: int | None = None):
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        vxm = _voxelmorph()
+        self.config = config = config or DDMConfig()
+        self.method = method
+        if method == "vm":
+            integration_steps = 0
+        elif integration_steps is None:
+            integration_steps = VMDIFF_INTEGRATION_STEPS
+        if method == "vmdiff" and integration_steps < 1:
+            raise ValueError("VM-diff integrates a velocity field: integration_steps must be >= 1")
+        self.integration_steps = int(integration_steps)
+        self.nb_features = vxm_features(config)
+        self.stride = 2 ** len(self.nb_features[0])
+        self.network = vxm.nn.models.VxmPairwise(
+            config.spatial_dims, source_channels=1, target_channels=1, nb_features=self.nb_features,
+            activations=nn.LeakyReLU(config.leaky_slope), integration_steps=self.integration_steps)
+        self.info: dict[str, Any] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def _check(self, source: torch.Tensor, target: torch.Tensor) -> None:
+        expected = self.config.spatial_dims + 2
+        if source.dim() != expected or target.shape != source.shape:
+            raise ValueError(f"this is a {self.config.spatial_dims}D {self.method} model: expected source and "
+                             f"target of one shape (batch, 1, *spatial) with {expected} axes, got "
+                             f"{tuple(source.shape)} and {tuple(target.shape)}")
+
+    def network_field(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The network output f: displacement (VM) or stationary velocity (VM-diff), in voxels."""
+        self._check(source, target)
+        inputs, sizes = pad_to_multiple(torch.cat([source, target], dim=1), self.stride)
+        flow = self.network(inputs[:, :1], inputs[:, 1:], return_field_type="velocity")
+        self.network.__dict__.pop("velocity", None)  # VxmPairwise keeps the last output; it blocks deepcopy
+        return crop_to(flow, sizes)
+
+    def displacement(self, flow: torch.Tensor) -> torch.Tensor:
+        """phi from the network output: itself (VM) or exp(flow) by scaling and squaring (VM-diff)."""
+        if self.integration_steps == 0:
+            return flow
+        return self.network.velocity_field_integrator(flow.float())
+
+    # -- training -----------------------------------------------------------------------------------
+    def training_losses(self, source: torch.Tensor, target: torch.Tensor, t=None, noise=None,
+                        generator=None) -> dict[str, torch.Tensor]:
+        """lambda * (-NCC(S o phi, T) + lambda_R |grad f|^2); `t`, `noise`, `generator` are DDM's, unused."""
+        cfg = self.config
+        flow = self.network_field(source, target)
+        phi = self.displacement(flow)
+        ncc = local_ncc(warp(source, phi), target, cfg.ncc_window)
+        smooth = smoothness(flow)
+        loss = cfg.loss_lambda * (-ncc + cfg.lambda_r * smooth)
+        return {"loss": loss, "diffusion": loss.new_zeros(()), "ncc": ncc, "smooth": smooth}
+
+    # -- inference ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, source: torch.Tensor, target: torch.Tensor, gammas, subtract_gamma0: bool | None = None,
+                 chunk_size: int | None = None) -> Generation:
+        """Frames S o phi_gamma: phi_gamma = gamma f (VM) or exp(gamma f) (VM-diff), batched over gamma.
+
+        gamma = 0 is the identity for both, so `subtract_gamma0` (DDM's correction) changes nothing and
+        is accepted only for the shared interface. `code` of the result is the network output f.
+        """
+        self._check(source, target)
+        if source.shape[0] != 1:
+            raise ValueError(f"generate takes one source/target pair (batch 1), got batch {source.shape[0]}")
+        gammas = torch.as_tensor(gammas, dtype=torch.float32, device=source.device).flatten()
+        if gammas.numel() == 0 or bool(((gammas < 0) | (gammas > 1)).any()):
+            raise ValueError(f"gammas must be a non-empty list of values in [0, 1], got {gammas.tolist()}")
+        flow = self.network_field(source, target).float()
+        chunk = chunk_size or self.auto_chunk_size(source)
+        fields = []
+        for start in range(0, gammas.numel(), chunk):
+            g = gammas[start:start + chunk].view(-1, *([1] * (source.dim() - 1)))
+            fields.append(self.displacement(g * flow))
+        phi = torch.cat(fields)
+        frames = warp(source.float(), phi)
+        return Generation(gammas=gammas, frames=frames, fields=phi, code=flow)
+
+    def auto_chunk_size(self, source: torch.Tensor) -> int:
+        """How many gammas to integrate at once (same memory budget as DDM's deformation pass)."""
+        per_gamma = DEFORM_BYTES_PER_VOXEL * math.prod(source.shape[2:])
+        if source.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(source.device)
+            budget = 0.5 * free
+        else:
+            budget = 0.6 * 2**30
+        return max(1, int(budget // per_gamma))
+
+
+# --------------------------------------------------------------------------------------------- files
+
+def save_baseline(model: BaselineModel, path: str | os.PathLike, **info: Any) -> Path:
+    """Weights and everything needed to rebuild a baseline, in one safetensors file (atomic write)."""
+    meta = {"format": BASELINE_FORMAT, "method": model.method, "config": model.config.to_dict(),
+            "integration_steps": model.integration_steps, "nb_features": model.nb_features, "info": info}
+    return save_tensors(path, dict(model.state_dict()), meta)
+
+
+def load_baseline(path: str | os.PathLike, device: str | torch.device = "cpu") -> BaselineModel:
+    """A :class:`BaselineModel` from a file written by :func:`save_baseline`, in eval mode."""
+    path = Path(path)
+    tensors, meta = load_tensors(path, "cpu")
+    if meta.get("format") != BASELINE_FORMAT or meta.get("method") not in METHODS:
+        raise InputError(f"{path} is not a ddm4d baseline model file; pass one written by "
+                         "`ddm4d train --method vm|vmdiff`")
+    try:
+        config = DDMConfig.from_dict(meta["config"])
+        model = BaselineModel(config, meta["method"], meta.get("integration_steps"))
+        model.load_state_dict(tensors, strict=True)
+    except (KeyError, ValueError, RuntimeError) as err:
+        raise InputError(f"{path}: baseline configuration and weights do not fit this ddm4d ({err})") from None
+    model.info = meta.get("info", {})
+    return model.to(device).eval()
+
+
+def save_any_model(model, path: str | os.PathLike, **info: Any) -> Path:
+    """save_model for a DDM, save_baseline for VM/VM-diff."""
+    if isinstance(model, BaselineModel):
+        return save_baseline(model, path, **info)
+    from .checkpoint import save_model
+    return save_model(model, path, **info)
+
+
+def load_any_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """A DDM or a baseline model, chosen by the file's metadata; pickles are refused before any read."""
+    meta = read_model_metadata(path)
+    kind = meta.get("format")
+    if kind == MODEL_FORMAT:
+        return load_model(path, device)
+    if kind == BASELINE_FORMAT:
+        return load_baseline(path, device)
+    raise InputError(f"{path} is a safetensors file but not a ddm4d model (format {kind!r}); pass a model "
+                     "written by `ddm4d train`")
+
+
+def model_method(model) -> str:
+    """"ddm", "vm" or "vmdiff": DDM models carry no `method` attribute and are DDM implicitly."""
+    return getattr(model, "method", "ddm")
