@@ -1,0 +1,68 @@
+"""Named values of the DDMTraining module, in one place.
+
+Hyper-parameter defaults are not here: they come from ``ddm4d.config.DDMConfig`` and the
+``ddm4d train`` command (see ``Settings.py``), so the GUI always starts from the paper's numbers.
+"""
+
+# The list of model files DDMInterpolation offers (Qt setting, a list of paths). DDMInterpolation
+# defines the same key in its module file (DDMInterpolation.py: SETTINGS_MODEL_PATHS) and
+# SETTINGS_MODEL for the selected one; mirrored here because that file imports Qt and the logic may not.
+MODEL_LIST_SETTINGS_KEY = "DDMInterpolation/ModelPaths"
+SELECTED_MODEL_SETTINGS_KEY = "DDMInterpolation/Model"
+
+# The module's own remembered settings (the widget stores them with qt.QSettings)
+SETTINGS_GROUP = "DDMTraining"
+
+DEVICES = ("auto", "cpu", "cuda")
+
+# What `ddm4d train` writes into RUN_DIR (see the docstring of ddm4d/train.py)
+MODEL_FILE = "model.safetensors"  # the latest weights (EMA ones with --ema), rewritten at every checkpoint
+BEST_MODEL_FILE = "model_best.safetensors"  # the weights of the best validation loss
+CONFIG_FILE = "config.json"
+CHECKPOINTS_DIRECTORY = "checkpoints"
+CHECKPOINT_PATTERN = r"ckpt_(\d+)\.safetensors"  # training states checkpoints/ckpt_<iteration>.safetensors
+LOG_FILE = "log.jsonl"
+LOSS_CURVE_FILE = "loss_curve.png"
+LOCK_FILE = ".lock"  # "pid host" of the training process
+EXPORTED_MODELS_DIRECTORY = "models"  # models this module exports from checkpoints ("Use this model")
+# file formats (ddm4d.checkpoint.MODEL_FORMAT / STATE_FORMAT, mirrored: that module imports torch)
+MODEL_FORMAT = "ddm4d-model"
+STATE_FORMAT = "ddm4d-training-state"
+
+# Background process
+POLL_INTERVAL_MS = 200  # the widget drains the event queue this often
+STOP_GRACE_S = 60.0  # after SIGINT, time the trainer gets to save a checkpoint before it is terminated
+KILL_GRACE_S = 5.0  # after terminate, time before kill
+LOG_LINES = 2000  # non-JSON output lines kept in memory
+ERROR_LINES = 20  # last stderr lines kept for lastError()
+
+# Events of `ddm4d train --progress json` and the fields each must carry (one JSON object per line)
+EVENT_FIELDS = {
+    "start": ("run_dir", "iteration", "total_iterations"),
+    "iteration": ("iteration", "loss"),
+    "epoch": ("epoch", "iteration", "loss"),
+    "checkpoint": ("iteration", "path"),
+    "validation": ("iteration", "loss"),
+    "done": ("iteration",),
+    "error": ("message",),
+}
+
+# Loss curves: table columns and the series drawn from them
+COLUMN_ITERATION = "iteration"
+TRAINING_LOSS_COLUMNS = ("loss", "diffusion", "ncc", "smooth")  # fields of the "iteration" event
+VALIDATION_LOSS_COLUMNS = ("loss", "ncc")  # fields of the "validation" event
+VALIDATION_SERIES_PREFIX = "validation "
+MAX_PLOT_POINTS = 4000  # longer runs keep every 2nd, 4th, ... iteration in the table
+SERIES_COLORS = {  # matplotlib's tab10
+    "loss": (0.12, 0.47, 0.71),
+    "diffusion": (1.0, 0.5, 0.05),
+    "ncc": (0.17, 0.63, 0.17),
+    "smooth": (0.84, 0.15, 0.16),
+    "validation loss": (0.58, 0.4, 0.74),
+    "validation ncc": (0.55, 0.34, 0.29),
+}
+
+# Node references from the loss chart to its tables (so a chart found later leads to its data)
+REFERENCE_TRAINING_TABLE = "DDMTrainingTable"
+REFERENCE_VALIDATION_TABLE = "DDMValidationTable"
+ATTRIBUTE_RUN_DIRECTORY = "DDMTraining.RunDirectory"
