@@ -166,14 +166,18 @@ def generate(source, target, model: Any = "default", frames: int = 10, gammas: S
 
 
 def fit_pair(net, source: np.ndarray, target: np.ndarray, steps: int, device: torch.device, seed: int = 0,
-             bidirectional: bool = False, progress=None, cancel=None):
+             bidirectional: bool = False, progress=None, cancel=None, checks: int = 10):
     """Per-case optimisation of a copy of the model: `steps` Adam steps of its own loss on this pair.
 
     Steps alternate between source -> target and the identity pair source -> source. With one pair
     alone the deformation network can read the whole field off the source and ignore the latent
     code, so gamma would change nothing; the identity pair makes the field come from the code
-    (bidirectional adds target -> source and target -> target).
+    (bidirectional adds target -> source and target -> target). A few dozen noisy steps do not
+    improve monotonically, so `checks` times along the way the generated target frame is scored
+    (local NCC with the target, the inference condition) and the best weights are kept.
     """
+    from .losses import local_ncc
+
     torch.manual_seed(seed)
     net = copy.deepcopy(net).to(device).train()
     cfg = net.config
@@ -181,8 +185,18 @@ def fit_pair(net, source: np.ndarray, target: np.ndarray, steps: int, device: to
     s = torch.from_numpy(source)[None, None].to(device)
     t = torch.from_numpy(target)[None, None].to(device)
     pairs = [(s, t), (s, s)] + ([(t, s), (t, t)] if bidirectional else [])
+
+    def score() -> float:
+        net.eval()
+        with torch.no_grad(), autocast(device):
+            value = local_ncc(net.generate(s, t, [1.0]).frames, t, cfg.ncc_window).item()
+        net.train()
+        return value
+
+    best_score, best_state = score(), copy.deepcopy(net.state_dict())
     losses = []
     every = max(1, steps // 20)
+    check_every = max(1, steps // max(1, checks))
     for step in range(steps):
         a, b = pairs[step % len(pairs)]
         with autocast(device):
@@ -191,9 +205,15 @@ def fit_pair(net, source: np.ndarray, target: np.ndarray, steps: int, device: to
         loss.backward()
         opt.step()
         losses.append(loss.item())
+        if (step + 1) % check_every == 0 or step == steps - 1:
+            current = score()
+            if current > best_score:
+                best_score, best_state = current, copy.deepcopy(net.state_dict())
         if progress and (step % every == 0 or step == steps - 1):
-            progress(0.05 + 0.6 * (step + 1) / steps, f"fitting {step + 1}/{steps}: loss {losses[-1]:.4f}")
+            progress(0.05 + 0.6 * (step + 1) / steps,
+                     f"fitting {step + 1}/{steps}: loss {losses[-1]:.4f}, best NCC(frame 1, target) {best_score:.4f}")
         _check_cancel(cancel)
+    net.load_state_dict(best_state)
     return net.eval(), losses
 
 

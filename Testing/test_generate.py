@@ -1,0 +1,284 @@
+"""`ddm4d generate`: geometry, outputs every tool can read, labels, per-case fitting, bad input."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from ddm4d.checkpoint import save_model
+from ddm4d.cli import main as cli
+from ddm4d.config import DDMConfig
+from ddm4d.generate import generate
+from ddm4d.metrics import dice
+from ddm4d.model import DDM
+
+REAL_CINE = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-cine-2d" / "heart_cine_16frames.dcm"
+
+
+def rotation(deg, axis):
+    a = np.deg2rad(deg)
+    c, s = np.cos(a), np.sin(a)
+    i, j = [k for k in range(3) if k != axis]
+    r = np.eye(3)
+    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+    return r
+
+
+def volume(size, spacing, origin, direction, center_mm=(0, 0, 0), radius_mm=(22, 18, 14), labels=False):
+    """A bright ellipsoid ('blood pool') in a darker ring, placed in physical space."""
+    img = sitk.Image(size, sitk.sitkFloat32)
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    img.SetDirection(direction.ravel().tolist())
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in size], indexing="ij"), -1).reshape(-1, 3)
+    pts = np.asarray(origin) + (idx * np.asarray(spacing)) @ direction.T
+    r = np.sqrt((((pts - np.asarray(center_mm)) / np.asarray(radius_mm)) ** 2).sum(1)).reshape(size)
+    arr = np.where(r < 1, 3, np.where(r < 1.4, 2, 0)) if labels else 100 + 500 * (r < 1) + 200 * ((r >= 1) & (r < 1.4))
+    out = sitk.GetImageFromArray(arr.transpose(2, 1, 0).astype(np.uint8 if labels else np.float32))
+    out.CopyInformation(img)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """Anisotropic, rotated, offset source; target on a different grid; labels on the source."""
+    d = tmp_path_factory.mktemp("pair")
+    direction = rotation(25, 2) @ rotation(10, 0)
+    src = volume((40, 36, 9), (1.6, 1.4, 6.0), (-30.0, -20.0, -24.0), direction)
+    tgt = volume((30, 30, 12), (2.0, 2.0, 4.5), (-28.0, -26.0, -26.0), np.eye(3), center_mm=(3, -2, 0),
+                 radius_mm=(17, 14, 12))
+    lab = volume((40, 36, 9), (1.6, 1.4, 6.0), (-30.0, -20.0, -24.0), direction, labels=True)
+    for name, img in (("source.nii.gz", src), ("target.nrrd", tgt), ("labels.nii.gz", lab)):
+        sitk.WriteImage(img, str(d / name))
+    torch.manual_seed(0)
+    model = DDM(DDMConfig(image_size=(32, 32, 16), spacing=(2.0, 2.0, 4.0)))
+    with torch.no_grad():  # fields of a few voxels, so the geometry is exercised, not just identity
+        model.deformation.flow.weight.mul_(2e4)
+        model.deformation.flow.bias.copy_(torch.tensor([0.3, -1.0, 1.5]))
+    save_model(model, d / "model.safetensors")
+    return d
+
+
+@pytest.fixture(scope="module")
+def generated(pair):
+    out = pair / "out"
+    code = cli(["generate", "--source", str(pair / "source.nii.gz"), "--target", str(pair / "target.nrrd"),
+                "--model", str(pair / "model.safetensors"), "--frames", "5", "--seg", str(pair / "labels.nii.gz"),
+                "--device", "cpu", "--out", str(out), "--quiet"])
+    assert code == 0
+    return out
+
+
+def same_geometry(a, b):
+    return (a.GetSize() == b.GetSize() and np.allclose(a.GetOrigin(), b.GetOrigin())
+            and np.allclose(a.GetSpacing(), b.GetSpacing()) and np.allclose(a.GetDirection(), b.GetDirection()))
+
+
+def test_frames_keep_the_source_geometry_and_frame_zero_is_the_source(pair, generated):
+    source = sitk.ReadImage(str(pair / "source.nii.gz"))
+    report = json.loads((generated / "report.json").read_text())
+    assert report["gammas"] == pytest.approx([0, 0.25, 0.5, 0.75, 1])
+    frames = [sitk.ReadImage(p) for p in report["frames"]]
+    assert len(frames) == 5 and all(same_geometry(f, source) for f in frames)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(frames[0]), sitk.GetArrayFromImage(source))
+    moved = [np.abs(sitk.GetArrayFromImage(f) - sitk.GetArrayFromImage(source)).mean() for f in frames]
+    assert moved[0] == 0 and moved[-1] > 1.0  # the field really moves content
+    four_d = sitk.ReadImage(report["frames_4d"])
+    assert four_d.GetSize() == source.GetSize() + (5,)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(four_d)[3], sitk.GetArrayFromImage(frames[3]))
+
+
+def test_fields_are_itk_displacement_transforms_that_reproduce_the_frames(pair, generated):
+    source = sitk.ReadImage(str(pair / "source.nii.gz"))
+    report = json.loads((generated / "report.json").read_text())
+    for frame_path, field_path in zip(report["frames"], report["fields"]):
+        field = sitk.ReadImage(field_path)
+        assert field.GetNumberOfComponentsPerPixel() == 3 and same_geometry(field, source)
+        transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+        resampled = sitk.Resample(source, source, transform, sitk.sitkLinear, float(np.min(sitk.GetArrayViewFromImage(source))))
+        np.testing.assert_allclose(sitk.GetArrayFromImage(resampled), sitk.GetArrayFromImage(sitk.ReadImage(frame_path)),
+                                   atol=1e-3)
+    assert len(report["folding_fraction"]) == 5 and all(0 <= f < 1 for f in report["folding_fraction"])
+    for key in ("load", "preprocess", "code", "deform", "postprocess", "write", "total"):
+        assert report["timings_s"][key] >= 0
+    assert report["device"] == "cpu" and len(report["jacobians"]) == 5
+
+
+def test_slicer_sequence_file_reads_back_with_slicers_storage_node(pair, generated):
+    slicer = pytest.importorskip("slicer", reason="slicer-core (the test extra) reads .seq.nrrd")
+    scene = slicer.vtkMRMLScene()
+    seq = scene.AddNewNodeByClass("vtkMRMLSequenceNode")
+    storage = slicer.vtkMRMLVolumeSequenceStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(str(generated / "frames.seq.nrrd"))
+    assert storage.ReadData(seq)
+    assert seq.GetNumberOfDataNodes() == 5
+    source = sitk.ReadImage(str(pair / "source.nii.gz"))
+    node = seq.GetNthDataNode(2)
+    array = slicer.util.arrayFromVolume(node)
+    np.testing.assert_allclose(array, sitk.GetArrayFromImage(sitk.ReadImage(str(generated / "frames/frame_002.nii.gz"))))
+    ras = np.array(node.GetOrigin())
+    assert np.allclose(ras * [-1, -1, 1], source.GetOrigin(), atol=1e-4)  # RAS vs LPS
+    assert np.allclose(node.GetSpacing(), source.GetSpacing())
+
+
+def test_labels_are_propagated_with_volumes_and_ejection_fraction(generated):
+    report = json.loads((generated / "report.json").read_text())
+    labels = [sitk.ReadImage(p) for p in report["labels"]]
+    assert all(l.GetPixelID() == sitk.sitkUInt8 for l in labels)
+    assert all(set(np.unique(sitk.GetArrayViewFromImage(l))) <= {0, 2, 3} for l in labels)
+    rows = (generated / "volumes.csv").read_text().splitlines()
+    assert rows[0].startswith("frame,gamma,LV blood pool (mL)") and len(rows) == 6
+    assert report["ejection_fraction"] is not None and -1 < report["ejection_fraction"] < 1
+    for name in ("volumes.png", "montage.png", "frames.gif", "labels.seq.nrrd"):
+        assert (generated / name).stat().st_size > 100
+
+
+def test_rerun_replaces_the_output_folder_atomically(pair, generated, tmp_path):
+    out = tmp_path / "again"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    args = ["generate", "--source", str(pair / "source.nii.gz"), "--target", str(pair / "target.nrrd"),
+            "--model", str(pair / "model.safetensors"), "--gammas", "0,0.5,1", "--out", str(out), "--quiet",
+            "--no-quicklook"]
+    assert cli(args) == 0
+    assert not (out / "stale.txt").exists() and len(list((out / "frames").iterdir())) == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_two_d_single_slice_pair_with_per_case_fit():
+    torch.manual_seed(0)
+    yy, xx = np.mgrid[:48, :48]
+
+    def disc(cy, cx, ry, rx):  # a smooth bright disc, like a blood pool at MR resolution
+        r = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
+        return (100 + 400 / (1 + np.exp((r - 1) * 4))).astype(np.float32)
+
+    src, tgt = disc(24, 22, 12, 11), disc(24, 25, 9, 8)
+    images = []
+    for a in (src, tgt):
+        img = sitk.GetImageFromArray(a[None])
+        img.SetSpacing((1.2, 1.2, 8.0))
+        images.append(img)
+    model = DDM(DDMConfig.for_dims(2, image_size=(48, 48), spacing=(1.2, 1.2)))
+    result = generate(images[0], images[1], model=model, frames=4, fit_steps=100, device="cpu")
+    assert len(result.frames) == 4 and result.frames[0].GetSize() == (48, 48, 1)
+    arrays = [sitk.GetArrayFromImage(f)[0] for f in result.frames]
+    np.testing.assert_array_equal(arrays[0], src)
+    errors = [np.mean((a - tgt) ** 2) for a in arrays]
+    assert all(b < a for a, b in zip(errors, errors[1:])) and errors[-1] < 0.8 * errors[0], errors
+    assert len(result.fit_losses) == 100
+
+
+@pytest.mark.skipif(not REAL_CINE.exists(), reason=f"real cine sample not found at {REAL_CINE}")
+def test_real_cine_in_between_frames_are_closer_to_the_real_frames_than_the_source():
+    """Frame 0 -> frame 6 of a real cine, fitted from scratch: frames 1..5 must be predicted
+    better (MSE) than by repeating the source."""
+    from ddm4d.io import read_cine
+
+    with pytest.warns(UserWarning, match="spacing"):
+        cine = read_cine(REAL_CINE)
+    result = generate(cine[0], cine[6], model="none", gammas=[k / 6 for k in range(7)], fit_steps=40,
+                      device="cpu", seed=0)
+    real = [sitk.GetArrayFromImage(f).astype(np.float64) for f in cine[:7]]
+    ours = [sitk.GetArrayFromImage(f).astype(np.float64) for f in result.frames]
+    for k in range(1, 6):
+        mse_ours = np.mean((ours[k] - real[k]) ** 2)
+        mse_source = np.mean((real[0] - real[k]) ** 2)
+        assert mse_ours < mse_source, (k, mse_ours, mse_source)
+
+
+def test_label_propagation_on_a_phantom_follows_the_true_labels():
+    """The bundled 3D model carries the ED labels of a held-out phantom subject along the cycle.
+
+    Threshold: at every phase the propagated labels must overlap the truth better than the
+    unmoved ED labels do (the Initial baseline) on the LV blood pool, the structure that moves
+    most; total Dice must stay above 0.75 (the phantom's myocardium is a few voxels thick, so
+    a one-voxel error everywhere already costs about 0.2).
+    """
+    from ddm4d.generate import bundled_model_path
+    from ddm4d.phantom import make_subject
+
+    assert bundled_model_path(3) is not None, "the bundled 3D model is part of the repository"
+    subject = make_subject(2026, n_frames=10, ejection_fraction=0.6)
+    frames = list(range(subject.ed, subject.es + 1))
+    result = generate(subject.images[subject.ed], subject.images[subject.es], model="default",
+                      gammas=[k / (len(frames) - 1) for k in range(len(frames))],
+                      seg=subject.labels[subject.ed], device="cpu")
+    ed_labels = sitk.GetArrayFromImage(subject.labels[subject.ed])
+    for k, frame in enumerate(frames[1:], start=1):
+        truth = sitk.GetArrayFromImage(subject.labels[frame])
+        ours = dice(sitk.GetArrayFromImage(result.labels[k]), truth)
+        initial = dice(ed_labels, truth)
+        assert ours["lv_blood_pool"] > initial["lv_blood_pool"], (k, ours, initial)
+        assert ours["total"] > 0.75, (k, ours)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "does not exist|not found|No such"),
+    ("garbage", "corrupt|read|not a"),
+    ("four_d", "4D"),
+    ("nan", "NaN"),
+    ("constant", "constant"),
+    ("apart", "overlap"),
+    ("frames1", "at least 2"),
+    ("gammas", r"\[0, 1\]"),
+    ("unwritable", "writable|file"),
+    ("foreign_model", "not a ddm4d model"),
+    ("model_2d_for_3d", "single-slice"),
+    ("none_without_fit", "fit-steps"),
+])
+def test_bad_input_exits_2_with_one_clear_line(pair, tmp_path, capsys, case, message):
+    src, tgt, model = pair / "source.nii.gz", pair / "target.nrrd", pair / "model.safetensors"
+    out = tmp_path / "out"
+    extra: list[str] = []
+    if case == "missing":
+        src = tmp_path / "nope.nii.gz"
+    elif case == "garbage":
+        src = tmp_path / "garbage.nii.gz"
+        src.write_bytes(b"this is not an image")
+    elif case == "four_d":
+        img = sitk.JoinSeries([sitk.ReadImage(str(pair / "source.nii.gz"))] * 3)
+        src = tmp_path / "cine.nii.gz"
+        sitk.WriteImage(img, str(src))
+    elif case in ("nan", "constant"):
+        img = sitk.ReadImage(str(pair / "source.nii.gz"))
+        arr = sitk.GetArrayFromImage(img)
+        arr[...] = 5.0 if case == "constant" else arr
+        if case == "nan":
+            arr[2, 3, 4] = np.nan
+        bad = sitk.GetImageFromArray(arr)
+        bad.CopyInformation(img)
+        src = tmp_path / f"{case}.mha"  # MetaImage keeps NaN as written
+        sitk.WriteImage(bad, str(src))
+    elif case == "apart":
+        img = sitk.ReadImage(str(pair / "target.nrrd"))
+        img.SetOrigin((500.0, 500.0, 500.0))
+        tgt = tmp_path / "far.nrrd"
+        sitk.WriteImage(img, str(tgt))
+    elif case == "frames1":
+        extra = ["--frames", "1"]
+    elif case == "gammas":
+        extra = ["--gammas", "0,0.5,1.5"]
+    elif case == "unwritable":
+        out = tmp_path / "a_file"
+        out.write_text("x")
+    elif case == "foreign_model":
+        from safetensors.torch import save_file
+
+        model = tmp_path / "other.safetensors"
+        save_file({"w": torch.zeros(2)}, str(model))
+    elif case == "model_2d_for_3d":
+        model = tmp_path / "m2d.safetensors"
+        save_model(DDM(DDMConfig.for_dims(2, image_size=(32, 32))), model)
+    elif case == "none_without_fit":
+        model = "none"
+    code = cli(["generate", "--source", str(src), "--target", str(tgt), "--model", str(model), "--out", str(out),
+                "--quiet", "--no-quicklook", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("ddm4d generate: error:"), err
+    assert __import__("re").search(message, err[0]), err[0]
+    assert not (tmp_path / "out").exists()
