@@ -37,7 +37,7 @@ from .checkpoint import MODEL_FORMAT, load_model, load_tensors, read_model_metad
 from .config import DDMConfig
 from .errors import InputError
 from .losses import local_ncc, smoothness
-from .model import DEFORM_BYTES_PER_VOXEL, Generation
+from .model import DEFORM_BYTES_PER_VOXEL, Generation, gamma_tensor
 from .networks.blocks import crop_to, pad_to_multiple
 from .warp import warp
 
@@ -146,9 +146,7 @@ class BaselineModel(nn.Module):
         self._check(source, target)
         if source.shape[0] != 1:
             raise ValueError(f"generate takes one source/target pair (batch 1), got batch {source.shape[0]}")
-        gammas = torch.as_tensor(gammas, dtype=torch.float32, device=source.device).flatten()
-        if gammas.numel() == 0 or bool(((gammas < 0) | (gammas > 1)).any()):
-            raise ValueError(f"gammas must be a non-empty list of values in [0, 1], got {gammas.tolist()}")
+        gammas = gamma_tensor(gammas, source.device)
         flow = self.network_field(source, target).float()
         chunk = chunk_size or self.auto_chunk_size(source)
         fields = []

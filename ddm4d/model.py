@@ -30,6 +30,14 @@ _FIELD_CHANNELS_FROM_NET = [2, 0, 1]  # (dy, dx, dz) -> (dz, dy, dx)
 DEFORM_BYTES_PER_VOXEL = 400
 
 
+def gamma_tensor(gammas, device: torch.device) -> torch.Tensor:
+    """Gammas as a flat float tensor, checked to be a non-empty list of values in [0, 1]."""
+    gammas = torch.as_tensor(gammas, dtype=torch.float32, device=device).flatten()
+    if gammas.numel() == 0 or bool(((gammas < 0) | (gammas > 1)).any()):
+        raise ValueError(f"gammas must be a non-empty list of values in [0, 1], got {gammas.tolist()}")
+    return gammas
+
+
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last_3d) if x.dim() == 5 else x
 
@@ -144,9 +152,7 @@ class DDM(nn.Module):
         self._check(source, target)
         if source.shape[0] != 1:
             raise ValueError(f"generate takes one source/target pair (batch 1), got batch {source.shape[0]}")
-        gammas = torch.as_tensor(gammas, dtype=torch.float32, device=source.device).flatten()
-        if gammas.numel() == 0 or bool(((gammas < 0) | (gammas > 1)).any()):
-            raise ValueError(f"gammas must be a non-empty list of values in [0, 1], got {gammas.tolist()}")
+        gammas = gamma_tensor(gammas, source.device)
         subtract = self.config.subtract_gamma0 if subtract_gamma0 is None else subtract_gamma0
         if code is None:
             code = self.latent_code(source, target)

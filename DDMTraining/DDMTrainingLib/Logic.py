@@ -12,6 +12,8 @@ import socket
 import sys
 import tempfile
 
+from DDMInterpolationLib import processEnvironment  # one child-process environment for both modules
+
 from . import Constants as C
 from .LossCurves import LossCurves
 from .Settings import TrainingSettings
@@ -119,21 +121,6 @@ def pythonExecutable():
                 if os.path.isfile(path):
                     return path
     return executable
-
-
-def processEnvironment():
-    """The current environment with the folder holding ``ddm4d`` first on PYTHONPATH, unbuffered output.
-
-    Inside Slicer, ddm4d is installed next to the modules (not in site-packages), so a child
-    PythonSlicer finds it only this way.
-    """
-    import ddm4d
-    packageParent = os.path.dirname(os.path.dirname(os.path.abspath(ddm4d.__file__)))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([packageParent] + [p for p in [env.get("PYTHONPATH")] if p])
-    env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("PYTHONIOENCODING", "utf-8")
-    return env
 
 
 def readSafetensorsMetadata(path):
