@@ -54,8 +54,11 @@ class DDMConfig:
 
     # generation: subtract phi at gamma = 0 so frame 0 is the source (the paper does not)
     subtract_gamma0: bool = True
-    # per-case fitting (not in the paper): a few dozen steps need a larger step than 800 epochs do
+    # per-case fitting (not in the paper): a few hundred steps need a larger step than 800 epochs do,
+    # and steps t < fit_max_timestep only, near the t = 0 at which generation computes the code (with
+    # t uniform over 2000 steps the fit learned no motion on the real cine; see generate.fit_pair)
     fit_lr: float = 1e-3
+    fit_max_timestep: int = 10
 
     # free-form notes carried into the model file (training data, iterations, ...)
     notes: dict[str, Any] = field(default_factory=dict)

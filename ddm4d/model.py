@@ -105,12 +105,16 @@ class DDM(nn.Module):
 
     # -- training -----------------------------------------------------------------------------------
     def training_losses(self, source: torch.Tensor, target: torch.Tensor, t: torch.Tensor | None = None,
-                        noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                        noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                        subtract_gamma0: bool = False) -> dict[str, torch.Tensor]:
         """L = L_diffuse + lambda * (-NCC(S o phi, T) + lambda_R * |grad phi|^2)  (DDM eq. 5-7).
 
         As in the authors' code, the deformation branch takes the code predicted at the sampled step t.
-        Returns the total `loss` and its parts `diffusion`, `ncc` (a similarity, higher is better) and
-        `smooth`.
+        `subtract_gamma0` puts phi = G_deform(S, c) - G_deform(S, 0) in the deformation terms, the field
+        that generation outputs in that mode (one more deformation pass; per-case fitting uses it: on a
+        single pair the network otherwise learns the field from the source alone, which the subtraction
+        then removes). Returns the total `loss` and its parts `diffusion`, `ncc` (a similarity, higher
+        is better) and `smooth`.
         """
         self._check(source, target)
         cfg = self.config
@@ -123,7 +127,11 @@ class DDM(nn.Module):
             noise = torch.randn(target.shape, device=target.device, dtype=target.dtype, generator=generator)
         x_t = self.schedule.q_sample(target, t, noise)
         code = self._code(source, target, x_t, t)
-        phi = self.deform(source, code)
+        if subtract_gamma0:
+            both = self.deform(source, torch.cat([code, torch.zeros_like(code)]))
+            phi = both[:source.shape[0]] - both[source.shape[0]:]
+        else:
+            phi = self.deform(source, code)
         warped = warp(source, phi)
         l_diffuse = diffusion_loss(code, noise)
         ncc = local_ncc(warped, target, cfg.ncc_window)
