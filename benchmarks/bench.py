@@ -6,7 +6,7 @@ fraction does not. Writes benchmarks/results/<name>.json and .md.
 
     python benchmarks/bench.py                      # CPU, 2 threads, 128x128x32
     python benchmarks/bench.py --device cuda        # GPU (bf16 autocast)
-    python benchmarks/bench.py --size 64 64 16 --quick
+    python benchmarks/bench.py --allocator default  # glibc's malloc defaults (the CLI tunes them)
 """
 from __future__ import annotations
 
@@ -84,8 +84,11 @@ def case(name: str, size: list[int], device: str, frames: int, repeats: int) -> 
             loss.backward()
             opt.step()
 
-        # forward + backward ~ 3x the forward multiply-adds
-        gflop = 2 * 3 * (GMAC_DIFFUSION + GMAC_DEFORM + GMAC_NCC) * scale
+        # forward + backward ~ 3x the forward multiply-adds; the loss on the subtracted field (default)
+        # runs the deformation network twice, on the code and on a zero code (the recomputation of the
+        # zero-code pass in backward is not counted: it saves memory, it is not work the method needs)
+        deform_passes = 2 if cfg.subtract_gamma0 and cfg.subtracted_field_loss else 1
+        gflop = 2 * 3 * (GMAC_DIFFUSION + deform_passes * GMAC_DEFORM + GMAC_NCC) * scale
     elif name == "generate":
         model.eval()
         gammas = torch.linspace(0, 1, frames)
@@ -145,7 +148,7 @@ def end_to_end(size: list[int], device: str, frames: int, repeats: int) -> dict:
 
 def run_child(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", name, "--device", args.device, "--threads", str(args.threads),
-           "--frames", str(args.frames), "--repeats", str(args.repeats), "--size", *map(str, args.size)]
+           "--allocator", args.allocator, "--frames", str(args.frames), "--repeats", str(args.repeats), "--size", *map(str, args.size)]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     if out.returncode:
         raise SystemExit(f"benchmark case {name} failed:\n{out.stderr}")
@@ -166,7 +169,7 @@ def matmul_gflops_child(args) -> float:
 def markdown(report: dict) -> str:
     lines = [f"# ddm4d benchmark: {report['machine']}", "",
              f"size {' x '.join(map(str, report['size']))}, device {report['device']}, threads {report['threads']}, "
-             f"torch {report['torch']}, {report['frames']} frames", "",
+             f"torch {report['torch']}, {report['frames']} frames, allocator {report.get('allocator', 'default')}", "",
              "| case | time (s) | GFLOP/s | matmul GFLOP/s after | fraction of matmul | peak memory (GiB) |",
              "|---|---|---|---|---|---|"]
     for r in report["results"]:
@@ -188,9 +191,15 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cases", default="generate,train,generate_files")
+    p.add_argument("--allocator", choices=("tuned", "default"), default="tuned",
+                   help="tuned: as the ddm4d CLI runs (ddm4d.allocator); default: glibc's malloc settings")
     p.add_argument("--name", default=None, help="results file name (default: device and size)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.child and args.allocator == "tuned":
+        from ddm4d.allocator import tune_cpu_allocator
+
+        tune_cpu_allocator()  # before torch is imported, as the ddm4d CLI does
     import torch
 
     torch.set_num_threads(args.threads)
@@ -200,7 +209,7 @@ def main() -> None:
     results = [run_child(name, args) for name in args.cases.split(",")]
     machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     report = {"machine": machine, "device": args.device, "threads": args.threads, "size": args.size,
-              "frames": args.frames, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
+              "frames": args.frames, "allocator": args.allocator, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
               "results": results}
     name = args.name or f"{args.device.split(':')[0]}_{'x'.join(map(str, args.size))}"
     out = HERE / "results"

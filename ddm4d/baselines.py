@@ -25,7 +25,6 @@ Model files: safetensors weights + JSON metadata ``{"format": "ddm4d-baseline", 
 """
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from .checkpoint import MODEL_FORMAT, load_model, load_tensors, read_model_metad
 from .config import DDMConfig
 from .errors import InputError
 from .losses import local_ncc, smoothness
-from .model import DEFORM_BYTES_PER_VOXEL, Generation, gamma_tensor
+from .model import Generation, deform_chunk_size, gamma_tensor
 from .networks.blocks import crop_to, pad_to_multiple
 from .warp import warp
 
@@ -159,13 +158,7 @@ class BaselineModel(nn.Module):
 
     def auto_chunk_size(self, source: torch.Tensor) -> int:
         """How many gammas to integrate at once (same memory budget as DDM's deformation pass)."""
-        per_gamma = DEFORM_BYTES_PER_VOXEL * math.prod(source.shape[2:])
-        if source.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(source.device)
-            budget = 0.5 * free
-        else:
-            budget = 0.6 * 2**30
-        return max(1, int(budget // per_gamma))
+        return deform_chunk_size(source)
 
 
 # --------------------------------------------------------------------------------------------- files

@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     # idle OpenMP threads sleep instead of spinning: on a small busy machine spinning threads made a
     # training step many times slower (measured); set before torch is imported by the command
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from .allocator import tune_cpu_allocator
+
+    tune_cpu_allocator()  # this process is ours: keep freed tensor memory for reuse (see allocator.py)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
     module = importlib.import_module(args._module)

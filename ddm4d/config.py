@@ -54,6 +54,12 @@ class DDMConfig:
 
     # generation: subtract phi at gamma = 0 so frame 0 is the source (the paper does not)
     subtract_gamma0: bool = True
+    # training on that same subtracted field, phi(c) - phi(0), in the loss's deformation terms (not in
+    # the paper; one more deformation pass per step). With the paper's loss the network may learn part
+    # of the field from the source alone, which the subtraction then removes: frames under-move and are
+    # not monotone in gamma (Testing/test_core.py learning test, 3 of 9 runs; real-cine fitting moved
+    # nothing). Only used while subtract_gamma0 is on; off for the paper's loss.
+    subtracted_field_loss: bool = True
     # per-case fitting (not in the paper): a few hundred steps need a larger step than 800 epochs do,
     # and steps t < fit_max_timestep only, near the t = 0 at which generation computes the code (with
     # t uniform over 2000 steps the fit learned no motion on the real cine; see generate.fit_pair)

@@ -169,11 +169,11 @@ def fit_pair(net, source: np.ndarray, target: np.ndarray, steps: int, device: to
              bidirectional: bool = False, progress=None, cancel=None, checks: int = 10):
     """Per-case optimisation of a copy of the model: `steps` Adam steps of its own loss on this pair.
 
-    Two departures from training make a few hundred steps on one pair learn its motion (measured on
-    the real cine and a synthetic disc, where the training recipe moved next to nothing): t is drawn
-    from [0, fit_max_timestep), near the t = 0 at which generation computes the code, and with
-    subtract_gamma0 (the default) the loss sees the subtracted field that generation outputs (see
-    DDM.training_losses). Bidirectional fitting alternates source -> target with target -> source.
+    t is drawn from [0, fit_max_timestep), near the t = 0 at which generation computes the code: with
+    t uniform over the 2000 steps, as in training, a few hundred steps on the real cine learned no
+    motion (and the loss must see the subtracted field, config.subtracted_field_loss, as by default;
+    with the paper's loss a single pair's field is learned from the source alone and then subtracted
+    away). Bidirectional fitting alternates source -> target with target -> source.
     Noisy steps do not improve monotonically, so `checks` times along the way the generated target
     frame is scored (local NCC with the target, the inference condition) and the best weights are
     kept; if nothing beats the starting model, it stays.
@@ -204,7 +204,7 @@ def fit_pair(net, source: np.ndarray, target: np.ndarray, steps: int, device: to
         a, b = pairs[step % len(pairs)]
         step_t = torch.randint(0, max_t, (1,), device=device)
         with autocast(device):
-            loss = net.training_losses(a, b, t=step_t, subtract_gamma0=cfg.subtract_gamma0)["loss"]
+            loss = net.training_losses(a, b, t=step_t)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import DDMConfig
 from .diffusion import NoiseSchedule
@@ -28,6 +29,7 @@ _FIELD_CHANNELS_FROM_NET = [2, 0, 1]  # (dy, dx, dz) -> (dz, dy, dx)
 # Activation memory of one gamma in the deformation pass, bytes per voxel (measured, fp32, no grad,
 # with headroom); used to split the gammas into chunks that fit.
 DEFORM_BYTES_PER_VOXEL = 400
+CPU_DEFORM_BUDGET_BYTES = int(0.45 * 2**30)
 
 
 def gamma_tensor(gammas, device: torch.device) -> torch.Tensor:
@@ -36,6 +38,19 @@ def gamma_tensor(gammas, device: torch.device) -> torch.Tensor:
     if gammas.numel() == 0 or bool(((gammas < 0) | (gammas > 1)).any()):
         raise ValueError(f"gammas must be a non-empty list of values in [0, 1], got {gammas.tolist()}")
     return gammas
+
+
+def deform_chunk_size(source: torch.Tensor) -> int:
+    """How many gammas fit at once: half the free GPU memory, or a CPU budget of 0.45 GiB (at
+    128x128x32 two gammas per chunk run as fast as three or five, with 0.81 GiB peak instead of
+    0.93 and 1.19; benchmarks/bench.py)."""
+    per_gamma = DEFORM_BYTES_PER_VOXEL * math.prod(source.shape[2:])
+    if source.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(source.device)
+        budget = 0.5 * free
+    else:
+        budget = CPU_DEFORM_BUDGET_BYTES
+    return max(1, int(budget // per_gamma))
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -106,18 +121,19 @@ class DDM(nn.Module):
     # -- training -----------------------------------------------------------------------------------
     def training_losses(self, source: torch.Tensor, target: torch.Tensor, t: torch.Tensor | None = None,
                         noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                        subtract_gamma0: bool = False) -> dict[str, torch.Tensor]:
+                        subtract_gamma0: bool | None = None) -> dict[str, torch.Tensor]:
         """L = L_diffuse + lambda * (-NCC(S o phi, T) + lambda_R * |grad phi|^2)  (DDM eq. 5-7).
 
         As in the authors' code, the deformation branch takes the code predicted at the sampled step t.
-        `subtract_gamma0` puts phi = G_deform(S, c) - G_deform(S, 0) in the deformation terms, the field
-        that generation outputs in that mode (one more deformation pass; per-case fitting uses it: on a
-        single pair the network otherwise learns the field from the source alone, which the subtraction
-        then removes). Returns the total `loss` and its parts `diffusion`, `ncc` (a similarity, higher
+        With `subtract_gamma0` (default: config.subtract_gamma0 and config.subtracted_field_loss) phi is
+        G_deform(S, c) - G_deform(S, 0), the field that generation outputs in that mode; off is the
+        paper's loss. Returns the total `loss` and its parts `diffusion`, `ncc` (a similarity, higher
         is better) and `smooth`.
         """
         self._check(source, target)
         cfg = self.config
+        if subtract_gamma0 is None:
+            subtract_gamma0 = cfg.subtract_gamma0 and cfg.subtracted_field_loss
         source, target = self._to_net(source), self._to_net(target)
         if noise is not None:
             noise = self._to_net(noise)
@@ -128,8 +144,10 @@ class DDM(nn.Module):
         x_t = self.schedule.q_sample(target, t, noise)
         code = self._code(source, target, x_t, t)
         if subtract_gamma0:
-            both = self.deform(source, torch.cat([code, torch.zeros_like(code)]))
-            phi = both[:source.shape[0]] - both[source.shape[0]:]
+            # the zero-code pass is recomputed in backward instead of keeping its activations: the
+            # training step's peak memory stays that of the paper's loss (benchmarks/bench.py)
+            phi0 = checkpoint(self.deform, source, torch.zeros_like(code), use_reentrant=False)
+            phi = self.deform(source, code) - phi0
         else:
             phi = self.deform(source, code)
         warped = warp(source, phi)
@@ -183,12 +201,5 @@ class DDM(nn.Module):
         return Generation(gammas=gammas, frames=frames, fields=phi, code=code)
 
     def auto_chunk_size(self, source: torch.Tensor) -> int:
-        """How many gammas fit at once: a fraction of free GPU memory, or a CPU budget of ~0.6 GiB."""
-        voxels = math.prod(source.shape[2:])
-        per_gamma = DEFORM_BYTES_PER_VOXEL * voxels
-        if source.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(source.device)
-            budget = 0.5 * free
-        else:
-            budget = 0.6 * 2**30
-        return max(1, int(budget // per_gamma))
+        """How many gammas go through the deformation network at once (see deform_chunk_size)."""
+        return deform_chunk_size(source)

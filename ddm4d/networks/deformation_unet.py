@@ -20,7 +20,9 @@ class DeformationUNet(nn.Module):
                  decoder_channels: tuple[int, ...] = (32, 32, 32, 8, 8, 3), leaky_slope: float = 0.2):
         super().__init__()
         e, d = encoder_channels, decoder_channels
-        act = lambda: nn.LeakyReLU(leaky_slope)  # noqa: E731
+        # in place: the conv output is not kept beside its activation (less peak memory; autograd
+        # supports it for a positive slope)
+        act = lambda: nn.LeakyReLU(leaky_slope, inplace=True)  # noqa: E731
 
         def conv_act(i: int, o: int, stride: int = 1) -> nn.Sequential:
             return nn.Sequential(conv_nd(spatial_dims, i, o, 3, stride), act())
