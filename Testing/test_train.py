@@ -156,6 +156,19 @@ def test_resume_refuses_other_settings_and_new_run_refuses_used_folder(data2d, t
     assert code == 2 and "--resume" in err and "another --out" in err
 
 
+def test_paper_loss_is_recorded_in_the_model_and_kept_on_resume(data2d, tmp_path, capsys):
+    """--paper-loss trains on phi(c) (the paper); the default on phi(c) - phi(0). The choice is part
+    of the model's configuration, and a resume with the other loss is refused."""
+    default, paper = tmp_path / "default", tmp_path / "paper"
+    assert train(capsys, data2d, "--out", default, *GRID_2D, "--iterations", 1)[0] == 0
+    assert train(capsys, data2d, "--out", paper, *GRID_2D, "--iterations", 1, "--paper-loss")[0] == 0
+    assert load_model(default / "model.safetensors").config.subtracted_field_loss is True
+    assert load_model(paper / "model.safetensors").config.subtracted_field_loss is False
+    code, _, err = train(capsys, data2d, "--out", default, "--resume", "--iterations", 2, "--paper-loss",
+                         "--device", "cpu")
+    assert code == 2 and "subtracted_field_loss: True -> False" in err
+
+
 # ------------------------------------------------------------------------------------ lock, input
 
 def test_locked_run_dir_is_refused_and_stale_lock_taken_over(data2d, tmp_path, capsys):

@@ -118,6 +118,7 @@ class TrainOptions:
     spatial_dims: int | None = None
     init: str | None = None
     disk_cache: bool = False
+    paper_loss: bool | None = None
 
 
 def _check_options(o: TrainOptions) -> None:
@@ -463,6 +464,8 @@ def _model_config(o: TrainOptions, dims: int, stored: DDMConfig | None, init_con
         overrides["lr"] = float(o.lr)
     if o.batch_size is not None:
         overrides["batch_size"] = int(o.batch_size)
+    if o.paper_loss is not None:
+        overrides["subtracted_field_loss"] = not o.paper_loss
     if o.size is not None:
         if len(o.size) != dims:
             raise InputError(f"--size has {len(o.size)} values but this is a {dims}D model; give "
@@ -1257,6 +1260,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spatial-dims", type=int, choices=(2, 3), help="2 or 3 (default: from the data; "
                         "single-slice data gives a 2D model)")
     parser.add_argument("--init", metavar="MODEL", help="start from the weights of this model file")
+    parser.add_argument("--paper-loss", action="store_true", default=None,
+                        help="the paper's loss on phi(c); by default the loss sees phi(c) - phi(0), the field that "
+                        "generation outputs (one more deformation pass per step)")
     parser.add_argument("--disk-cache", action="store_true", help="also cache the preprocessed pairs as "
                         "RUN_DIR/cache/*.npy for later runs")
 
