@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT / "DDMTraining"))  # the module's Lib is not a pip p
 sys.path.insert(0, str(ROOT / "DDMInterpolation"))  # DDMTraining depends on DDMInterpolation's Lib
 
 from ddm4d.config import DDMConfig  # noqa: E402
+from ddm4d.train import RUN  # noqa: E402
 from ddm4d.phantom import write_dataset  # noqa: E402
 
 from DDMTrainingLib import (DDMTrainingLogic, LossCurves, TrainingProcess, TrainingSettings,  # noqa: E402
@@ -314,7 +315,9 @@ def test_settings_default_to_the_paper_and_map_to_train_options():
     assert (settings.epochs, settings.lossLambda, settings.learningRate, settings.batchSize) == (
         paper.epochs, paper.loss_lambda, paper.lr, paper.batch_size)
     assert settings.trainOptions() == ["--epochs", str(paper.epochs), "--lambda", "20", "--lr", "0.0002",
-                                       "--batch-size", "1", "--device", "auto"]
+                                       "--batch-size", "1", "--device", "auto", "--ema", "0.999"]
+    assert settings.ema == RUN.ema  # the trainer's default, kept in step
+    assert "--ema" in (off := TrainingSettings(ema=None).trainOptions()) and off[off.index("--ema") + 1] == "0"
     custom = TrainingSettings(iterations=12, checkpointEvery=3, seed=7, ema=0.999, augment=True,
                               validationFraction=0.5, size=(32, 32, 16), device="cpu")
     assert custom.trainOptions() == [

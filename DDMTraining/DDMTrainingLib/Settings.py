@@ -12,6 +12,8 @@ from ddm4d.config import DDMConfig
 from .Constants import DEVICES
 
 _PAPER = DDMConfig()
+# ddm4d train's default EMA decay (ddm4d.train.RUN.ema; not imported: that module loads torch)
+DEFAULT_EMA = 0.999
 
 
 @dataclasses.dataclass
@@ -26,7 +28,8 @@ class TrainingSettings:
     :param checkpointEvery: save a checkpoint every this many iterations (None: the trainer's default).
     :param device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
     :param seed: random seed (None: the trainer's default).
-    :param ema: decay of an exponential moving average of the weights (None: no EMA).
+    :param ema: decay of the exponential moving average of the weights saved as the model (ddm4d
+      train's default, 0.999; None: no average, the raw weights).
     :param augment: random augmentation of the training pairs.
     :param validationFraction: share of subjects held out for validation (None: the trainer's default).
     :param size: model grid size, x y [z] voxels (None: the paper's 128 x 128 x 32, or the trainer's);
@@ -41,7 +44,7 @@ class TrainingSettings:
     checkpointEvery: Optional[int] = None
     device: str = "auto"
     seed: Optional[int] = None
-    ema: Optional[float] = None
+    ema: Optional[float] = DEFAULT_EMA
     augment: bool = False
     validationFraction: Optional[float] = None
     size: Optional[tuple] = None
@@ -103,8 +106,7 @@ class TrainingSettings:
             options += ["--checkpoint-every", str(int(self.checkpointEvery))]
         if self.seed is not None:
             options += ["--seed", str(int(self.seed))]
-        if self.ema is not None:
-            options += ["--ema", f"{self.ema:.10g}"]
+        options += ["--ema", "0" if self.ema is None else f"{self.ema:.10g}"]
         if self.augment:
             options.append("--augment")
         if self.validationFraction is not None:
