@@ -123,6 +123,13 @@ phantom() {
   PHANTOM_COMMAND="ddm4d phantom DATA_DIR ${args[*]}"
 }
 
+# the card names the folders DATA, EVAL, RUN and REPORT, not this machine's paths
+card_paths() {
+  local text=$1
+  text=${text//"$run"/RUN}; text=${text//"$eval_data"/EVAL}; text=${text//"$data"/DATA}; text=${text//"$report"/REPORT}
+  echo "${text// --progress bar/}"
+}
+
 train_one() {
   local kind=$1
   local dims=${kind%d} iterations size spacing phantom_size subjects
@@ -198,9 +205,10 @@ train_one() {
   reproduce="$(quote "${settings[@]}") bash scripts/train_default_models.sh $kind"
   "$PYTHON" scripts/model_card.py --run "$run" --evaluation "$report" --model "$DEST/$name.safetensors" \
     --out "$DEST/$name.md" \
-    --train-data-command "${train_data_command/DATA_DIR/$data}" \
-    --eval-data-command "${eval_data_command/DATA_DIR/$eval_data}" \
-    --train-command "$(quote "${train_cmd[@]:0:${#train_cmd[@]}-${#resume[@]}}")" --eval-command "$(quote "${eval_cmd[@]}")" \
+    --train-data-command "${train_data_command/DATA_DIR/DATA}" \
+    --eval-data-command "${eval_data_command/DATA_DIR/EVAL}" \
+    --train-command "$(card_paths "$(quote "${train_cmd[@]:0:${#train_cmd[@]}-${#resume[@]}}")")" \
+    --eval-command "$(card_paths "$(quote "${eval_cmd[@]}")")" \
     --reproduce "$reproduce"
   log "$kind done: $DEST/$name.safetensors, $DEST/$name.md (evaluation: $report/table1.md)"
 }
