@@ -26,10 +26,11 @@ Why it is built this way:
   shards every epoch's pairs across ranks like DistributedSampler, and only rank 0 writes files or prints.
   RUN_DIR must be on a file system every rank can read (for --resume).
 
-RUN_DIR layout: config.json, model.safetensors (the EMA weights, on by default; the raw ones in
-model_raw.safetensors; with --ema 0 the raw ones), model_best.safetensors (best validation loss), checkpoints/ckpt_<iteration>.safetensors
-(the last --keep-last) and checkpoints/best.safetensors, log.jsonl, loss_curve.png, tensorboard/ (when the
-tensorboard package is installed), cache/ (with --disk-cache), .lock (pid of the training process).
+RUN_DIR layout: config.json, model.safetensors (the EMA weights, on by default, with the raw ones in
+model_raw.safetensors; with --ema 0 the raw ones), model_best.safetensors (best validation loss),
+checkpoints/ckpt_<iteration>.safetensors (the last --keep-last) and checkpoints/best.safetensors,
+log.jsonl, loss_curve.png, tensorboard/ (when the tensorboard package is installed), cache/ (with
+--disk-cache), .lock (pid of the training process).
 """
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ class RunDefaults:
     validation_fraction: float = 0.1
     log_every: int = 1
     # EMA of the weights, saved as the model (the raw weights beside it): measured on the phantom
-    # (README, Results), 0.999 beat the raw weights of the same run on PSNR, Dice and EF
+    # (README, Results), 0.999 beat the raw weights of the same run on PSNR, Dice total and EF
     ema: float = 0.999
     ema_warmup: float = 10.0  # EMA decay ramps as (1 + n) / (ema_warmup + n) up to --ema
     flip_probability: float = 0.5  # --augment: per spatial axis, the same flip for source and target
