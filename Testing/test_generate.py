@@ -148,6 +148,33 @@ def test_rerun_replaces_the_output_folder_atomically(pair, generated, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_outputs_written_by_several_threads_are_complete_with_the_usual_permissions(pair, tmp_path):
+    """Every file of the output folder (written by a thread pool, each atomically) is whole, has the
+    mode a plain open() gives under the process umask (not mkstemp's 0600), and the umask, which
+    can only be read by setting it, is left as it was."""
+    import os
+    import stat
+
+    out = tmp_path / "out"
+    before = os.umask(0o027)
+    try:
+        assert cli(["generate", "--source", str(pair / "source.nii.gz"), "--target", str(pair / "target.nrrd"),
+                    "--model", str(pair / "model.safetensors"), "--frames", "5", "--seg", str(pair / "labels.nii.gz"),
+                    "--device", "cpu", "--out", str(out), "--quiet", "--no-quicklook"]) == 0
+        assert os.umask(0o027) == 0o027
+    finally:
+        os.umask(before)
+    report = json.loads((out / "report.json").read_text())
+    listed = report["frames"] + report["fields"] + report["jacobians"] + report["labels"] + [
+        report["frames_4d"], report["sequence"], report["labels_sequence"]]
+    assert len(listed) == 4 * 5 + 3
+    for path in map(Path, listed):
+        assert path.is_file() and path.stat().st_size > 0, path
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640, (path, oct(path.stat().st_mode))
+    for path in report["fields"]:
+        assert sitk.ReadImage(path).GetNumberOfComponentsPerPixel() == 3
+
+
 def test_two_d_single_slice_pair_with_per_case_fit():
     torch.manual_seed(0)
     yy, xx = np.mgrid[:48, :48]

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from .config import DDMConfig
 from .errors import InputError
+from .files import make_public
 
 MODEL_FORMAT = "ddm4d-model"
 STATE_FORMAT = "ddm4d-training-state"
@@ -30,6 +31,7 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        make_public(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -424,17 +425,28 @@ def _write_outputs(result: GenerationResult, out_dir: Path, quicklook: bool) -> 
 
 
 def _write_into(result: GenerationResult, tmp: Path, final: Path, quicklook: bool) -> dict[str, Any]:
+    """Image files are written by a few threads: SimpleITK's writers and zlib release the GIL, and
+    compressing some 30 volumes was most of the end-to-end time (benchmarks/bench.py)."""
     n = len(result.gammas)
-    frame_paths, field_paths, jac_paths, label_paths = [], [], [], []
-    for i in range(n):
-        frame_paths.append(f"frames/frame_{i:03d}.nii.gz")
-        write_image(result.frames[i], tmp / frame_paths[-1])
-        field_paths.append(f"fields/field_{i:03d}.nrrd")
-        write_image(result.fields[i], tmp / field_paths[-1])
-        jac_paths.append(f"fields/jacobian_{i:03d}.nii.gz")
-        write_image(sitk.Cast(jacobian_determinant(result.fields[i]), sitk.sitkFloat32), tmp / jac_paths[-1])
-    write_cine(result.frames, tmp / "frames_4d.nii.gz")
-    write_sequence_nrrd(result.frames, tmp / "frames.seq.nrrd", result.gammas)
+    frame_paths = [f"frames/frame_{i:03d}.nii.gz" for i in range(n)]
+    field_paths = [f"fields/field_{i:03d}.nrrd" for i in range(n)]
+    jac_paths = [f"fields/jacobian_{i:03d}.nii.gz" for i in range(n)]
+    label_paths = [f"labels/labels_{i:03d}.nii.gz" for i in range(n)] if result.labels else []
+    jobs = []
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        for i in range(n):
+            jobs.append(pool.submit(write_image, result.frames[i], tmp / frame_paths[i]))
+            jobs.append(pool.submit(write_image, result.fields[i], tmp / field_paths[i]))
+            jobs.append(pool.submit(_write_jacobian, result.fields[i], tmp / jac_paths[i]))
+        jobs.append(pool.submit(write_cine, result.frames, tmp / "frames_4d.nii.gz"))
+        jobs.append(pool.submit(write_sequence_nrrd, result.frames, tmp / "frames.seq.nrrd", result.gammas))
+        for img, path in zip(result.labels or [], label_paths):
+            jobs.append(pool.submit(write_image, img, tmp / path))
+        if result.labels:
+            jobs.append(pool.submit(write_sequence_nrrd, result.labels, tmp / "labels.seq.nrrd", result.gammas,
+                                    node_class="vtkMRMLLabelMapVolumeNode"))
+        for job in jobs:
+            job.result()  # the first failure, in order
     report: dict[str, Any] = {
         "gammas": result.gammas, "frames": [str(final / p) for p in frame_paths],
         "fields": [str(final / p) for p in field_paths], "jacobians": [str(final / p) for p in jac_paths],
@@ -450,16 +462,16 @@ def _write_into(result: GenerationResult, tmp: Path, final: Path, quicklook: boo
         report["fit"] = {"steps": len(result.fit_losses), "first_loss": result.fit_losses[0],
                          "last_loss": result.fit_losses[-1]}
     if result.labels:
-        for i, img in enumerate(result.labels):
-            label_paths.append(f"labels/labels_{i:03d}.nii.gz")
-            write_image(img, tmp / label_paths[-1])
-        write_sequence_nrrd(result.labels, tmp / "labels.seq.nrrd", result.gammas, node_class="vtkMRMLLabelMapVolumeNode")
         report["labels"] = [str(final / p) for p in label_paths]
         report["labels_sequence"] = str(final / "labels.seq.nrrd")
         report.update(_write_volumes(result, tmp, final))
     if quicklook:
         report.update(_write_quicklook(result, tmp, final))
     return report
+
+
+def _write_jacobian(field: sitk.Image, path: Path) -> None:
+    write_image(sitk.Cast(jacobian_determinant(field), sitk.sitkFloat32), path)
 
 
 def _write_volumes(result: GenerationResult, tmp: Path, final: Path) -> dict[str, Any]:

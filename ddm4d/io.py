@@ -24,6 +24,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
+from .files import make_public
 
 __all__ = [
     "GeometryWarning", "ImageInfo", "read_image", "read_labels", "read_cine", "write_image",
@@ -500,9 +501,7 @@ def write_image(image: sitk.Image, path: str | os.PathLike) -> Path:
     os.close(fd)
     try:
         sitk.WriteImage(image, tmp, useCompression=ext in (".nrrd", ".mha"))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
+        make_public(tmp)
         os.replace(tmp, path)
     except BaseException:
         try:
