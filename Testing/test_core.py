@@ -190,7 +190,7 @@ def test_gammas_outside_the_unit_interval_are_refused(gammas):
 
 
 def test_learning_improves_generation_on_a_shrinking_and_shifting_blob():
-    """The paper's loss, a few hundred steps: generated frames approach each target with gamma.
+    """The default loss, a few hundred steps: generated frames approach each target with gamma.
 
     One source with three targets (shifted left, shifted right, shrunk) and the identity pair (the
     source as its own target), with the default loss on the subtracted field (the paper's plain loss
