@@ -42,8 +42,7 @@ def gamma_tensor(gammas, device: torch.device) -> torch.Tensor:
 
 def deform_chunk_size(source: torch.Tensor) -> int:
     """How many gammas fit at once: half the free GPU memory, or a CPU budget of 0.45 GiB (at
-    128x128x32 two gammas per chunk run as fast as three or five, with 0.81 GiB peak instead of
-    0.93 and 1.19; benchmarks/bench.py)."""
+    128x128x32 two gammas per chunk ran as fast as three or five, in less peak memory)."""
     per_gamma = DEFORM_BYTES_PER_VOXEL * math.prod(source.shape[2:])
     if source.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(source.device)
