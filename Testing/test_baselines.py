@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("voxelmorph")
+pytest.importorskip("voxelmorph", reason="the VM / VM-diff baselines need the voxelmorph package: pip install -e '.[baselines]' (in the test extra)")
 
 from ddm4d.baselines import BaselineModel, load_any_model, model_method, save_baseline  # noqa: E402
 from ddm4d.checkpoint import save_model  # noqa: E402

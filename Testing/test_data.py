@@ -260,7 +260,8 @@ def test_split_is_deterministic_and_disjoint():
 # ------------------------------------------------------------------------------------- with the phantom
 
 def test_phantom_dataset_scans_clean(tmp_path):
-    phantom = pytest.importorskip("ddm4d.phantom", reason="ddm4d.phantom is not available")
+    from ddm4d import phantom
+
     phantom.write_dataset(tmp_path, n_subjects=2, seed=0, size=(24, 24, 6), n_frames=8)
     ds = scan_dataset(tmp_path)
     assert ds.problems == [] and len(ds.subjects) == 2

@@ -363,8 +363,10 @@ def test_physical_field_agrees_with_the_models_own_warp():
 
     A source linear in mm makes every linear interpolation exact, so what is left is geometry.
     """
-    torch = pytest.importorskip("torch")
-    warp = pytest.importorskip("ddm4d.warp").warp
+    import torch
+
+    from ddm4d.warp import warp
+
     geo = blank((48, 44, 10))
     source = with_values(geo, (physical_points(geo) @ np.array([0.5, -0.3, 0.2]) + 50.0).astype(np.float32))
     _, _, mapping = to_model_grid(source, source, (24, 24, 10), MODEL_SPACING)  # well inside the source

@@ -11,7 +11,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_wheel_carries_the_bundled_models_where_bundled_model_path_looks(tmp_path):
-    pytest.importorskip("setuptools", minversion="68")
+    pytest.importorskip("setuptools", minversion="68", reason="building a wheel without network needs setuptools>=68 "
+                        "in this environment (pip install 'setuptools>=68')")
     src = tmp_path / "src"  # a copy, so the build leaves no build/ or egg-info in the checkout
     shutil.copytree(REPO / "ddm4d", src / "ddm4d", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / "Resources" / "models", src / "Resources" / "models")

@@ -571,7 +571,8 @@ REAL_CINE = ROOT.parent / "shared" / "data" / "real-cine-2d" / "heart_cine_16fra
 
 def tinyModel(spatialDims=3):
     """A small untrained DDM whose displacements are scaled up so the fields are not ~0 (seconds on CPU)."""
-    torch = pytest.importorskip("torch")
+    import torch
+
     from ddm4d.config import DDMConfig
     from ddm4d.model import DDM
     torch.manual_seed(0)

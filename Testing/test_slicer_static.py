@@ -312,8 +312,7 @@ def test_widget_uses_only_what_the_ui_file_has(name):
     ui_path = folder / "Resources" / "UI" / f"{name}.ui"
     source = (folder / f"{name}.py").read_text(encoding="utf-8")
     uses = ui_uses(source)
-    if not uses:
-        pytest.skip(f"{name}.py uses no self.ui widgets")
+    assert uses, f"{name}.py uses no self.ui widgets: is the widget still loading {name}.ui?"
     assert ui_path.is_file(), f"{name}.py uses self.ui but {ui_path.relative_to(ROOT)} is missing"
     widgets = ui_widgets(ui_path)
     problems = []
@@ -338,8 +337,7 @@ def test_widget_uses_only_what_the_ui_file_has(name):
 def test_ui_parameter_bindings_fit_the_parameter_node(name):
     folder = module_dir(name)
     ui_path = folder / "Resources" / "UI" / f"{name}.ui"
-    if not ui_path.is_file():
-        pytest.skip(f"{name} has no .ui file")
+    assert ui_path.is_file(), f"{name} has no .ui file at {ui_path.relative_to(ROOT)}"
     params = parameter_types((folder / f"{name}.py").read_text(encoding="utf-8"))
     problems = []
     for widget_name, element in ui_widgets(ui_path).items():

@@ -277,7 +277,7 @@ def test_two_process_gloo_run_writes_files_once(tmp_path):
 
 @pytest.mark.parametrize("method", ["vm", "vmdiff"])
 def test_baselines_train_with_ema_and_augmentation(data2d, tmp_path, capsys, method):
-    pytest.importorskip("voxelmorph")
+    pytest.importorskip("voxelmorph", reason="the VM / VM-diff baselines need the voxelmorph package: pip install -e '.[baselines]' (in the test extra)")
     run = tmp_path / method
     code, events, err = train(capsys, data2d, "--out", run, *GRID_2D, "--iterations", 3, "--method", method,
                               "--ema", 0.9, "--augment", "--checkpoint-every", 3)
