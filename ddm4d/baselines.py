@@ -123,15 +123,24 @@ class BaselineModel(nn.Module):
 
     # -- training -----------------------------------------------------------------------------------
     def training_losses(self, source: torch.Tensor, target: torch.Tensor, t=None, noise=None,
-                        generator=None) -> dict[str, torch.Tensor]:
-        """lambda * (-NCC(S o phi, T) + lambda_R |grad f|^2); `t`, `noise`, `generator` are DDM's, unused."""
+                        generator=None, middle: torch.Tensor | None = None,
+                        gamma: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """lambda * (-NCC(S o phi, T) + lambda_R |grad f|^2); `t`, `noise`, `generator` are DDM's, unused.
+        With a real in-between frame `middle` at `gamma`, the field at gamma (gamma f, or exp(gamma f))
+        must bring the source onto it too, as in DDM's training."""
         cfg = self.config
         flow = self.network_field(source, target)
         phi = self.displacement(flow)
         ncc = local_ncc(warp(source, phi), target, cfg.ncc_window)
         smooth = smoothness(flow)
         loss = cfg.loss_lambda * (-ncc + cfg.lambda_r * smooth)
-        return {"loss": loss, "diffusion": loss.new_zeros(()), "ncc": ncc, "smooth": smooth}
+        out = {"loss": loss, "diffusion": loss.new_zeros(()), "ncc": ncc, "smooth": smooth}
+        if middle is not None:
+            scale = gamma.to(flow.dtype).view(-1, *([1] * (flow.dim() - 1)))
+            ncc_middle = local_ncc(warp(source, self.displacement(scale * flow)), middle, cfg.ncc_window)
+            out["loss"] = loss - cfg.loss_lambda * cfg.inbetween_weight * ncc_middle
+            out["ncc_middle"] = ncc_middle
+        return out
 
     # -- inference ----------------------------------------------------------------------------------
     @torch.no_grad()

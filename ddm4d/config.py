@@ -60,6 +60,9 @@ class DDMConfig:
     # not monotone in gamma (Testing/test_core.py learning test, 3 of 9 runs; real-cine fitting moved
     # nothing). Only used while subtract_gamma0 is on; off for the paper's loss.
     subtracted_field_loss: bool = True
+    # weight of a real in-between frame's similarity, relative to the target's (training on the cine's
+    # frames, not in the paper): gamma becomes normalised time and the code has to carry the target
+    inbetween_weight: float = 1.0
     # per-case fitting (not in the paper): a few hundred steps need a larger step than 800 epochs do,
     # and steps t < fit_max_timestep only, near the t = 0 at which generation computes the code (with
     # t uniform over 2000 steps the fit learned no motion on the real cine; see generate.fit_pair)
@@ -130,3 +133,35 @@ class DDMConfig:
     @classmethod
     def from_json(cls, text: str) -> "DDMConfig":
         return cls.from_dict(json.loads(text))
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """Per-case refinement (not in the paper): a stationary velocity field v optimised for one pair,
+    multi-scale, started from the model's own field; frames follow exp(gamma v). Values measured with
+    benchmarks/motion.py on the real cine and on held-out phantom subjects."""
+
+    # refinement grid: the source's whole field of view, at its own resolution up to this many voxels
+    max_size: tuple[int, ...] = (128, 128, 32)
+    # pyramid: downsampling factor (in-plane) of each level, coarse to fine, and Adam steps on each; a
+    # volume stops at half resolution (its velocity is smooth; the full level would double the time)
+    levels: tuple[int, ...] = (4, 2, 1)
+    steps: tuple[int, ...] = (100, 100, 60)
+    levels_3d: tuple[int, ...] = (4, 2)
+    steps_3d: tuple[int, ...] = (100, 100)
+    lr: float = 0.1  # Adam step, in voxels of the level
+    # -local NCC(window, in-plane voxels) + smoothness * mean |grad v|^2 (v in in-plane voxels)
+    window: int = 9
+    smoothness: float = 1.0
+    integration_steps: int = 7
+    similarity: str = "ncc"
+    mse_weight: float = 10.0
+
+    def __post_init__(self) -> None:
+        for levels, steps in ((self.levels, self.steps), (self.levels_3d, self.steps_3d)):
+            if len(levels) != len(steps) or not levels:
+                raise ValueError(f"levels {levels} and steps {steps} need one entry each per level")
+            if min(levels) < 1 or min(steps) < 0:
+                raise ValueError(f"levels must be >= 1 and steps >= 0, got {levels} / {steps}")
+        if self.window % 2 != 1:
+            raise ValueError(f"window must be odd, got {self.window}")

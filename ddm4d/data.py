@@ -136,6 +136,16 @@ class Subject:
                     read_labels(p[keys[2]]) if keys[2] in p else None,
                     read_labels(p[keys[3]]) if keys[3] in p else None, self.id)
 
+    def load_cycle(self) -> list[sitk.Image]:
+        """Every frame of the 4D cine (the whole cycle, 0-based), checked against Info.cfg's NbFrame."""
+        if not self.has_cine:
+            raise InputError(f"{self.id}: has no 4D cine ({self.id}_4d.nii.gz); only its ED and ES frames exist")
+        cine = read_cine(self.paths["cine"])
+        if len(cine) != self.n_frames:
+            raise InputError(f"{self.paths['cine']}: has {len(cine)} frames but Info.cfg says NbFrame: "
+                             f"{self.n_frames}; fix Info.cfg or the 4D file")
+        return cine
+
     def load_sequence(self) -> Sequence:
         """All frames ED..ES (inclusive, wrapping around the cycle when ES < ED), from the 4D cine.
 

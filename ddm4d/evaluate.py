@@ -187,11 +187,13 @@ def run_linear(source: sitk.Image, target: sitk.Image, gammas: Sequence[float]) 
 
 def run_model(model: Any, source: sitk.Image, target: sitk.Image, gammas: Sequence[float],
               seg: sitk.Image | None, device) -> MethodOutput:
-    """The one generation path of ddm4d (ddm4d.generate.generate), timed by the wall clock."""
+    """The one generation path of ddm4d (ddm4d.generate.generate), timed by the wall clock: the model
+    alone, forward (the paper's Table 1 protocol), without per-case refinement."""
     from .generate import generate
 
     t0 = time.perf_counter()
-    result = generate(source, target, model=model, gammas=list(gammas), seg=seg, device=device)
+    result = generate(source, target, model=model, gammas=list(gammas), seg=seg, device=device, mode="forward",
+                      refine=False)
     elapsed = time.perf_counter() - t0
     return MethodOutput(list(result.frames), result.labels, list(result.folding_fraction), elapsed,
                         dict(result.timings_s))

@@ -6,6 +6,7 @@ The same path serves the CLI, the Python API, the Slicer logic and `ddm4d evalua
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import csv
 import json
@@ -24,22 +25,22 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .config import DDMConfig
+from .config import DDMConfig, RefineConfig
 from .device import autocast, resolve_device
-from .errors import InputError
+from .errors import Cancelled, InputError
 from .geometry import (ModelMapping, folding_fraction, jacobian_determinant, resample_to_reference,
                        same_geometry, to_model_grid, warp_image)
-from .io import read_image, read_labels, write_cine, write_image
+from .io import read_cine, read_image, read_labels, write_cine, write_image
 from .metrics import ACDC_STRUCTURES, STRUCTURE_NAMES, label_volumes_ml
 from .model import DDM
+from .refine import Refinement, _axis_spacing, path_fields, refine_velocity, refinement_grid
+from .svf import compose, invert, logarithm
+
+__all__ = ["generate", "GenerationResult", "fit_pair", "Cancelled", "MODES", "DEFAULT_MODE", "DEFAULT_REFINE"]
 
 BUNDLED_MODELS = {3: "ddm_phantom_3d.safetensors", 2: "ddm_phantom_2d.safetensors"}
 # structures whose volume over the frames a cardiologist reads (keys of metrics.ACDC_STRUCTURES)
 VOLUME_STRUCTURES = ("lv_blood_pool", "lv_myocardium", "rv")
-
-
-class Cancelled(RuntimeError):
-    """The caller's cancel() returned True; nothing was written."""
 
 
 def bundled_model_path(spatial_dims: int) -> Path | None:
@@ -68,6 +69,8 @@ class GenerationResult:
     mapping: ModelMapping
     fit_losses: list[float] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
+    refinement: dict[str, Any] | None = None  # where refinement started, its time and objective
+    score: dict[str, Any] | None = None  # against a cine's real in-between frames (ddm4d.cine.score_frames)
 
     def label_volumes_ml(self) -> list[dict[str, float]]:
         """Volume (mL) of the LV blood pool, LV myocardium and RV in every propagated label frame."""
@@ -81,77 +84,111 @@ class GenerationResult:
 
 # ------------------------------------------------------------------------------------------ the API
 
-def generate(source, target, model: Any = "default", frames: int = 10, gammas: Sequence[float] | None = None,
-             fit_steps: int = 0, seg=None, device: str = "auto", mode: str = "forward",
+MODES = ("symmetric", "forward")
+#: the old name of symmetric generation (a cross-fade of both directions), still accepted
+MODE_ALIASES = {"bidirectional": "symmetric"}
+DEFAULT_MODE = "symmetric"
+DEFAULT_REFINE = True
+#: refined frames follow the model's own pace along the path (ddm4d.generate._model_timing)
+DEFAULT_MODEL_TIMING = True
+
+
+def generate(source, target=None, model: Any = "default", frames: int = 10, gammas: Sequence[float] | None = None,
+             fit_steps: int = 0, seg=None, device: str = "auto", mode: str = DEFAULT_MODE,
+             refine: bool = DEFAULT_REFINE, refine_config: RefineConfig | None = None,
              center: Sequence[float] | None = None, progress: Callable[[float, str], None] | None = None,
              cancel: Callable[[], bool] | None = None, seed: int = 0, chunk_size: int | None = None,
-             subtract_gamma0: bool | None = None) -> GenerationResult:
+             subtract_gamma0: bool | None = None, source_frame: int | None = None,
+             target_frame: int | None = None, model_timing: bool = DEFAULT_MODEL_TIMING) -> GenerationResult:
     """Generate frames from `source` towards `target`.
 
-    :param source, target: SimpleITK images or paths (NIfTI, NRRD, MHA, DICOM series folder).
+    :param source, target: SimpleITK images or paths (NIfTI, NRRD, MHA, DICOM series folder); with
+        `source_frame` / `target_frame`, cines (4D NIfTI, multi-frame DICOM, DICOM cine series or a
+        list of images) and the frame to take (from 0). Without `target`, both frames come from `source`.
     :param model: a model file path, a DDM/baseline object, "default" (bundled) or None/"none"
-        (untrained, needs fit_steps > 0).
+        (no network: refinement alone, or an untrained model fitted with fit_steps).
     :param frames: number of frames, gammas = linspace(0, 1, frames) including both ends.
     :param gammas: explicit gammas in [0, 1] instead of `frames`.
-    :param fit_steps: per-case optimisation steps on this pair (the paper's loss) before generating.
+    :param mode: "symmetric" (the source warped forward and the target backward along one path,
+        cross-faded with weights 1 - gamma and gamma) or "forward" (the paper: the source warped).
+    :param refine: per-case refinement of the path (ddm4d.refine), started from the model's field.
+    :param model_timing: with refinement and a model, frames sit where the model's own path is at
+        each gamma (its pace), not evenly along the refined path.
+    :param fit_steps: per-case optimisation of the whole network on this pair (slow; the paper's loss).
     :param seg: labels on the source (image or path), propagated to every frame (nearest neighbour).
-    :param mode: "forward" (the paper) or "bidirectional" (cross-fade with the reverse generation).
     :param center: LPS point (mm) on which to centre the model's field of view (e.g. an ROI centre).
     :param progress: callback(fraction, message); cancel: callback returning True to stop.
     """
     timings: dict[str, float] = {}
     report = progress or (lambda f, m: None)
     t0 = time.perf_counter()
-    if mode not in ("forward", "bidirectional"):
-        raise InputError(f"unknown mode {mode!r}; use forward or bidirectional")
+    mode = MODE_ALIASES.get(mode, mode)
+    if mode not in MODES:
+        raise InputError(f"unknown mode {mode!r}; use {' or '.join(MODES)}")
     gamma_list = _gammas(frames, gammas)
     if int(fit_steps) < 0:
         raise InputError(f"fit steps must be >= 0, got {fit_steps}")
-    source_img = _as_image(source, "source")
-    target_img = _as_image(target, "target")
+    source_img, target_img = _inputs(source, target, source_frame, target_frame)
     labels_img = _as_labels(seg, source_img) if seg is not None else None
     spatial_dims = 2 if source_img.GetSize()[2] == 1 else 3
     if (target_img.GetSize()[2] == 1) != (spatial_dims == 2):
         raise InputError(f"the source is {'a single slice' if spatial_dims == 2 else '3D'} but the target is not; "
                          "give two volumes of the same kind")
     torch_device = resolve_device(device)
-    net, model_name = _resolve_model(model, spatial_dims, fit_steps)
+    net, model_name = _resolve_model(model, spatial_dims, fit_steps, refine)
     timings["load"] = time.perf_counter() - t0
     _check_cancel(cancel)
 
-    t = time.perf_counter()
-    cfg = net.config
-    size, spacing = cfg.image_size, cfg.spacing
-    if model_name == "none":
-        spacing = _covering_spacing(source_img, size, spacing)
-    src_arr, tgt_arr, mapping = to_model_grid(source_img, target_img, size, spacing, center)
-    timings["preprocess"] = time.perf_counter() - t
-    report(0.05, "preprocessed")
-
     messages: list[str] = []
     fit_losses: list[float] = []
-    if fit_steps:
+    paths: _Paths | None = None
+    need_end = refine or mode == "symmetric"
+    model_gammas = sorted(set(gamma_list) | ({1.0} if need_end else set()))
+    if net is not None:
         t = time.perf_counter()
-        net, fit_losses = fit_pair(net, src_arr, tgt_arr, fit_steps, torch_device, seed=seed,
-                                   bidirectional=(mode == "bidirectional"), progress=report, cancel=cancel)
-        timings["fit"] = time.perf_counter() - t
+        cfg = net.config
+        size, spacing = cfg.image_size, cfg.spacing
+        if model_name == "none":
+            spacing = _covering_spacing(source_img, size, spacing)
+        src_arr, tgt_arr, mapping = to_model_grid(source_img, target_img, size, spacing, center)
+        timings["preprocess"] = time.perf_counter() - t
+        report(0.05, "preprocessed")
+        if fit_steps:
+            t = time.perf_counter()
+            net, fit_losses = fit_pair(net, src_arr, tgt_arr, fit_steps, torch_device, seed=seed,
+                                       bidirectional=(mode == "symmetric"), progress=report, cancel=cancel)
+            timings["fit"] = time.perf_counter() - t
+        gen, used_device, code_s, deform_s = _run_model(net, src_arr, tgt_arr, model_gammas, torch_device,
+                                                        chunk_size, subtract_gamma0, messages)
+        timings["code"], timings["deform"] = code_s, deform_s
+        torch_device = used_device
+        paths = _Paths(mapping, {g: gen.fields[i:i + 1].float().cpu() for i, g in enumerate(model_gammas)})
+    _check_cancel(cancel)
 
-    gen, back, used_device, code_s, deform_s = _run_model(net, src_arr, tgt_arr, gamma_list, torch_device, mode,
-                                                          chunk_size, subtract_gamma0, messages)
-    timings["code"], timings["deform"] = code_s, deform_s
+    refinement, timing = None, None
+    if refine:
+        t = time.perf_counter()
+        timing = _model_timing(paths.forward, gamma_list) if (paths is not None and model_timing) else None
+        paths, refinement = _refine_paths(source_img, target_img, paths, gamma_list, mode, refine_config,
+                                          torch_device, report, cancel, timing)
+        timings["refine"] = time.perf_counter() - t
+        messages.append(f"refinement started from {'the model' if refinement.start == 'model' else 'the identity'}"
+                        f" ({refinement.seconds:.1f} s)")
+    elif mode == "symmetric":
+        paths.backward = _backward_from_forward(paths.forward, gamma_list)
     report(0.85, "mapping frames back to the source geometry")
     _check_cancel(cancel)
 
     t = time.perf_counter()
+    mapping = paths.mapping
     frames_out, fields_out, labels_out, folding = [], [], [], []
     fov = mapping.fov_mask(erode=1)
-    target_on_source = mapping.target
-    for i, g in enumerate(gamma_list):
-        fld = mapping.field_to_physical(gen.fields[i].cpu().numpy())
+    for g in gamma_list:
+        fld = mapping.field_to_physical(paths.forward[g][0].numpy())
         frame = warp_image(mapping.source, fld, "linear")
-        if back is not None:
-            back_fld = mapping.field_to_physical(back.fields[i].cpu().numpy())
-            frame = _cross_fade(frame, warp_image(target_on_source, back_fld, "linear"), g)
+        if mode == "symmetric":
+            back = mapping.field_to_physical(paths.backward[g][0].numpy())
+            frame = _cross_fade(frame, warp_image(mapping.target, back, "linear"), g)
         frames_out.append(frame)
         fields_out.append(fld)
         folding.append(folding_fraction(fld, mask=fov))
@@ -162,8 +199,76 @@ def generate(source, target, model: Any = "default", frames: int = 10, gammas: S
     report(1.0, "done")
     return GenerationResult(gammas=gamma_list, frames=frames_out, fields=fields_out,
                             labels=labels_out if labels_img is not None else None, folding_fraction=folding,
-                            timings_s=timings, device=str(used_device), model=model_name, mode=mode,
-                            mapping=mapping, fit_losses=fit_losses, messages=messages)
+                            timings_s=timings, device=str(torch_device), model=model_name, mode=mode,
+                            mapping=mapping, fit_losses=fit_losses, messages=messages,
+                            refinement=_refinement_info(refinement, timing))
+
+
+@dataclass
+class _Paths:
+    """Fields of every gamma on one grid (the model's or the refinement's), (1, ndim, *spatial) each:
+    `forward` pulls the source to the frame, `backward` the target (symmetric mode)."""
+
+    mapping: ModelMapping
+    forward: dict[float, torch.Tensor]
+    backward: dict[float, torch.Tensor] = field(default_factory=dict)
+
+
+def _backward_from_forward(forward: dict[float, torch.Tensor], gammas: Sequence[float]) -> dict[float, torch.Tensor]:
+    """The target's fields along the model's own path: a frame point p sits at phi_gamma(p) in the
+    source, which the end field phi_1 maps from the target: T o phi_1^-1 o phi_gamma."""
+    inverse_end = invert(forward[1.0])
+    return {g: compose(inverse_end, forward[g]) for g in gammas}
+
+
+def _model_timing(forward: dict[float, torch.Tensor], gammas: Sequence[float]) -> list[float] | None:
+    """How far along its own path the model is at each gamma: the projection of phi_gamma on phi_1.
+
+    A model trained on real in-between frames knows that a heart does not move evenly in time (slow,
+    fast, slow in ejection); refinement then follows its refined path at the model's pace. None when
+    the model does not move (nothing to read a pace from)."""
+    end = forward[1.0]
+    norm = float((end * end).sum())
+    if norm < 1e-6 * end[0, 0].numel():
+        return None
+    taus = [min(1.0, max(0.0, float((forward[g] * end).sum()) / norm)) for g in gammas]
+    order = sorted(range(len(gammas)), key=lambda i: gammas[i])
+    running = 0.0
+    for i in order:  # a pace never goes backwards
+        running = max(running, taus[i])
+        taus[i] = running
+    return [0.0 if g == 0 else 1.0 if g == 1 else tau for g, tau in zip(gammas, taus)]
+
+
+def _refine_paths(source_img, target_img, paths: _Paths | None, gammas, mode, config, device, report, cancel,
+                  timing: list[float] | None = None):
+    config = config or RefineConfig()
+    dims = 2 if source_img.GetSize()[2] == 1 else 3
+    src, tgt, mapping = refinement_grid(source_img, target_img, config, dims)
+    s = torch.from_numpy(src)[None, None].to(device)
+    t = torch.from_numpy(tgt)[None, None].to(device)
+    start = None
+    if paths is not None:
+        end = paths.mapping.field_to_physical(paths.forward[1.0][0].numpy())
+        start = logarithm(torch.from_numpy(mapping.field_to_model(end))[None].to(device), steps=config.integration_steps)
+    refinement = refine_velocity(s, t, _axis_spacing(mapping), start, config, symmetric=(mode == "symmetric"),
+                                 progress=lambda f, m: report(0.1 + 0.7 * f, m), cancel=cancel)
+    taus = timing or gammas
+    with torch.no_grad():
+        forward = path_fields(refinement.velocity, taus, config.integration_steps).cpu()
+        backward = path_fields(refinement.velocity, taus, config.integration_steps, backward=True).cpu() \
+            if mode == "symmetric" else None
+    out = _Paths(mapping, {g: forward[i:i + 1] for i, g in enumerate(gammas)})
+    if backward is not None:
+        out.backward = {g: backward[i:i + 1] for i, g in enumerate(gammas)}
+    return out, refinement
+
+
+def _refinement_info(refinement: Refinement | None, timing: list[float] | None) -> dict[str, Any] | None:
+    if refinement is None:
+        return None
+    return {"start": refinement.start, "seconds": refinement.seconds, "objective": refinement.objective,
+            "path_position": timing}
 
 
 def fit_pair(net, source: np.ndarray, target: np.ndarray, steps: int, device: torch.device, seed: int = 0,
@@ -238,6 +343,32 @@ def _gammas(frames: int | None, gammas: Sequence[float] | None) -> list[float]:
     return [float(g) for g in np.linspace(0.0, 1.0, int(frames))]
 
 
+def _inputs(source, target, source_frame: int | None, target_frame: int | None) -> tuple[sitk.Image, sitk.Image]:
+    """Source and target images, each a volume or one frame of a cine."""
+    if target is None:
+        if source_frame is None or target_frame is None:
+            raise InputError("give a target, or a cine as source with --source-frame and --target-frame")
+        target = source
+    cines: dict[int, list[sitk.Image]] = {}
+
+    def frame_of(value, index: int | None, what: str) -> sitk.Image:
+        if index is None:
+            return _as_image(value, what)
+        if isinstance(value, sitk.Image):
+            raise InputError(f"--{what}-frame needs a cine (a 4D file, a multi-frame DICOM or a DICOM cine "
+                             f"series), but the {what} is one image")
+        key = id(value) if not isinstance(value, (str, os.PathLike)) else hash(str(value))
+        if key not in cines:
+            cines[key] = [_as_image(f, what) for f in value] if isinstance(value, (list, tuple)) else read_cine(value)
+        frames = cines[key]
+        if not 0 <= int(index) < len(frames):
+            raise InputError(f"--{what}-frame {index} is out of range: the cine has {len(frames)} frames "
+                             f"(0..{len(frames) - 1})")
+        return _as_image(frames[int(index)], what)
+
+    return frame_of(source, source_frame, "source"), frame_of(target, target_frame, "target")
+
+
 def _as_image(value, what: str) -> sitk.Image:
     if isinstance(value, sitk.Image):
         if value.GetNumberOfComponentsPerPixel() != 1:
@@ -266,17 +397,20 @@ def _as_labels(seg, source: sitk.Image) -> sitk.Image:
     return labels
 
 
-def _resolve_model(model, spatial_dims: int, fit_steps: int):
-    """(network, description). Models are checked against the input's dimensionality."""
+def _resolve_model(model, spatial_dims: int, fit_steps: int, refine: bool):
+    """(network or None, description). Models are checked against the input's dimensionality."""
     if model is None or (isinstance(model, str) and model.lower() == "none"):
-        if not fit_steps:
-            raise InputError("--model none starts from an untrained model; give --fit-steps K (e.g. 200) to fit it to this pair")
-        return DDM(DDMConfig.for_dims(spatial_dims)), "none"
+        if fit_steps:
+            return DDM(DDMConfig.for_dims(spatial_dims)), "none"
+        if not refine:
+            raise InputError("--model none uses no network; keep refinement on (drop --no-refine), or give "
+                             "--fit-steps K to fit an untrained model to this pair")
+        return None, "none"
     if isinstance(model, str) and model == "default":
         path = bundled_model_path(spatial_dims)
         if path is None:
             raise InputError(f"no bundled {spatial_dims}D model is installed; pass --model FILE.safetensors, "
-                             "or --model none --fit-steps K")
+                             "or --model none")
         model = path
     if isinstance(model, (str, os.PathLike)):
         net = _load_model_file(Path(model))
@@ -287,7 +421,7 @@ def _resolve_model(model, spatial_dims: int, fit_steps: int):
         kind = "single-slice (2D)" if net.config.spatial_dims == 2 else "3D"
         have = "a single slice" if spatial_dims == 2 else "a 3D volume"
         raise InputError(f"model {name} was trained for {kind} images but the source is {have}; "
-                         f"use a {spatial_dims}D model or --model none --fit-steps K")
+                         f"use a {spatial_dims}D model or --model none")
     return net, name
 
 
@@ -305,11 +439,11 @@ def _covering_spacing(source: sitk.Image, size, spacing) -> tuple[float, ...]:
     return tuple(max(sp, extent[i] / n) if i < 2 else sp for i, (n, sp) in enumerate(zip(size, spacing)))
 
 
-def _run_model(net, src_arr, tgt_arr, gammas, device, mode, chunk_size, subtract_gamma0, messages):
+def _run_model(net, src_arr, tgt_arr, gammas, device, chunk_size, subtract_gamma0, messages):
     """Latent code + batched deformation; on CUDA out-of-memory retry with smaller chunks, then CPU."""
     while True:
         try:
-            return _run_on(net, src_arr, tgt_arr, gammas, device, mode, chunk_size, subtract_gamma0)
+            return _run_on(net, src_arr, tgt_arr, gammas, device, chunk_size, subtract_gamma0)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             current = chunk_size or net.auto_chunk_size(torch.zeros((1, 1) + src_arr.shape))
@@ -322,7 +456,7 @@ def _run_model(net, src_arr, tgt_arr, gammas, device, mode, chunk_size, subtract
             print(f"ddm4d generate: {messages[-1]}", file=sys.stderr)
 
 
-def _run_on(net, src_arr, tgt_arr, gammas, device, mode, chunk_size, subtract_gamma0):
+def _run_on(net, src_arr, tgt_arr, gammas, device, chunk_size, subtract_gamma0):
     net = net.to(device).eval()
     s = torch.from_numpy(src_arr)[None, None].to(device)
     t = torch.from_numpy(tgt_arr)[None, None].to(device)
@@ -335,11 +469,8 @@ def _run_on(net, src_arr, tgt_arr, gammas, device, mode, chunk_size, subtract_ga
         _sync(device)
         t1 = time.perf_counter()
         gen = net.generate(s, t, gammas, **options, **({"code": code} if has_code else {}))
-        back = None
-        if mode == "bidirectional":
-            back = net.generate(t, s, [1.0 - g for g in gammas], **options)
     _sync(device)
-    return gen, back, device, t1 - t0, time.perf_counter() - t1
+    return gen, device, t1 - t0, time.perf_counter() - t1
 
 
 def _sync(device: torch.device) -> None:
@@ -458,6 +589,14 @@ def _write_into(result: GenerationResult, tmp: Path, final: Path, quicklook: boo
                        "origin": list(result.mapping.grid.GetOrigin())},
         "messages": result.messages,
     }
+    if result.refinement:
+        report["refinement"] = result.refinement
+    if result.score is not None:
+        from .cine import score_markdown
+        (tmp / "score.json").write_text(json.dumps(result.score, indent=2))
+        (tmp / "score.md").write_text(score_markdown(result.score))
+        report["score"] = {"json": str(final / "score.json"), "markdown": str(final / "score.md"),
+                           "mean": result.score["mean"]}
     if result.fit_losses:
         report["fit"] = {"steps": len(result.fit_losses), "first_loss": result.fit_losses[0],
                          "last_loss": result.fit_losses[-1]}
@@ -533,25 +672,39 @@ def _write_quicklook(result: GenerationResult, tmp: Path, final: Path) -> dict[s
 # ------------------------------------------------------------------------------------------ the CLI
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--source", required=True, help="source volume (e.g. end-diastole): NIfTI, NRRD, MHA or DICOM folder")
-    parser.add_argument("--target", required=True, help="target volume (e.g. end-systole)")
+    parser.add_argument("--source", required=True,
+                        help="source volume (e.g. end-diastole): NIfTI, NRRD, MHA or DICOM folder; or a cine "
+                        "(4D NIfTI, multi-frame DICOM, DICOM cine series) with --source-frame")
+    parser.add_argument("--target", help="target volume (e.g. end-systole); default with --target-frame: the "
+                        "source's cine")
+    parser.add_argument("--source-frame", type=int, metavar="I", help="frame of the source cine (from 0)")
+    parser.add_argument("--target-frame", type=int, metavar="J", help="frame of the target cine (from 0)")
     parser.add_argument("--out", required=True, help="output folder (written atomically)")
     parser.add_argument("--model", default="default",
-                        help="model .safetensors file, 'default' (bundled) or 'none' (untrained; needs --fit-steps)")
+                        help="model .safetensors file, 'default' (bundled) or 'none' (no network: refinement only)")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--frames", type=int, default=10, help="number of frames including source and target (default 10)")
+    group.add_argument("--frames", type=int, help="number of frames including source and target (default 10)")
     group.add_argument("--gammas", help="explicit comma-separated gammas in [0, 1], e.g. 0,0.25,0.5,1")
-    parser.add_argument("--fit-steps", type=int, default=0, help="per-case optimisation steps on this pair before generating")
+    parser.add_argument("--mode", default=DEFAULT_MODE, choices=list(MODES) + list(MODE_ALIASES),
+                        help=f"symmetric: source and target warped along one path and cross-faded; forward: the "
+                        f"source warped (the paper) (default {DEFAULT_MODE}; bidirectional is the old name of "
+                        "symmetric)")
+    parser.add_argument("--refine", action=argparse.BooleanOptionalAction, default=DEFAULT_REFINE,
+                        help="per-case refinement of the path on this pair, started from the model's field "
+                        f"(default {'on' if DEFAULT_REFINE else 'off'}; --no-refine: the model alone)")
+    parser.add_argument("--fit-steps", type=int, default=0,
+                        help="per-case optimisation of the whole network on this pair before generating (slow)")
     parser.add_argument("--seg", help="labels on the source to propagate to every frame (nearest neighbour)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
-    parser.add_argument("--mode", default="forward", choices=["forward", "bidirectional"],
-                        help="forward (the paper) or bidirectional (cross-fade with the reverse generation)")
     parser.add_argument("--center", help="LPS point x,y,z in mm on which to centre the model's field of view")
     parser.add_argument("--no-subtract-gamma0", action="store_true",
                         help="the paper's plain behaviour: do not subtract the field at gamma = 0")
     parser.add_argument("--chunk-size", type=int, help="gammas per deformation pass (default: as many as fit)")
     parser.add_argument("--seed", type=int, default=0, help="seed for --fit-steps")
     parser.add_argument("--no-quicklook", action="store_true", help="skip the montage PNG and GIF")
+    parser.add_argument("--score", action="store_true",
+                        help="with a cine and --source-frame/--target-frame: generate at the times of the real frames "
+                        "in between and score against them (PSNR, NMSE, beside the linear blend): score.json, score.md")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
@@ -567,6 +720,18 @@ def _parse_floats(text: str, what: str, count: int | None = None) -> list[float]
 
 def main(args) -> int:
     gammas = _parse_floats(args.gammas, "--gammas") if args.gammas else None
+    frames = 10 if args.frames is None else args.frames
+    if args.score:
+        if args.source_frame is None or args.target_frame is None:
+            raise InputError("--score needs a cine as --source with --source-frame and --target-frame: the real frames "
+                             "in between are what it scores against")
+        if args.target is not None and Path(args.target) != Path(args.source):
+            raise InputError("--score scores against the source cine's own frames; drop --target (both frames come "
+                             "from --source)")
+        if args.frames is not None or args.gammas is not None:
+            raise InputError("--score generates at the cine's own frame times; drop --frames / --gammas")
+        from .cine import frame_gammas
+        gammas = frame_gammas(args.source_frame, args.target_frame)
     center = _parse_floats(args.center, "--center", 3) if args.center else None
     if args.chunk_size is not None and args.chunk_size < 1:
         raise InputError(f"--chunk-size must be at least 1, got {args.chunk_size}")
@@ -583,14 +748,26 @@ def main(args) -> int:
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        result = generate(args.source, args.target, model=args.model, frames=args.frames, gammas=gammas,
+        result = generate(args.source, args.target, model=args.model, frames=frames, gammas=gammas,
                           fit_steps=args.fit_steps, seg=args.seg, device=args.device, mode=args.mode,
-                          center=center, progress=progress, seed=args.seed, chunk_size=args.chunk_size,
-                          subtract_gamma0=False if args.no_subtract_gamma0 else None)
+                          refine=args.refine, center=center, progress=progress, seed=args.seed,
+                          chunk_size=args.chunk_size, subtract_gamma0=False if args.no_subtract_gamma0 else None,
+                          source_frame=args.source_frame, target_frame=args.target_frame)
+    if args.score:
+        from .cine import score_frames
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # read once already: its warnings were shown
+            cine = read_cine(args.source)
+        result.score = score_frames(result.frames, result.gammas, cine, args.source_frame, args.target_frame)
     report = result.write(out, quicklook=not args.no_quicklook)
     t = report["timings_s"]
     print(f"wrote {len(result.frames)} frames to {out} on {result.device} in {t['total'] + t['write']:.2f} s "
           f"(model {t.get('code', 0) + t.get('deform', 0):.2f} s); max folding {100 * max(result.folding_fraction):.3f}%")
     if report.get("ejection_fraction") is not None:
         print(f"LV ejection fraction from propagated labels: {100 * report['ejection_fraction']:.1f}%")
+    if result.score is not None:
+        m = result.score["mean"]
+        print(f"against the real frames in between: PSNR {m['generated_psnr_db']:.2f} dB (linear blend "
+              f"{m['blend_psnr_db']:.2f}, source {m['initial_psnr_db']:.2f}); NMSE {m['generated_nmse']:.4f} "
+              f"(blend {m['blend_nmse']:.4f}); per frame in {out / 'score.md'}")
     return 0

@@ -329,8 +329,8 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
     if dim == 4:
         t = image.GetSize()[3]
         if t != 1:
-            raise InputError(f"{_name(path)}: is 4D ({t} frames); pass one frame, e.g. with read_cine "
-                             "(ddm4d.io.read_cine) and pick two of its frames")
+            raise InputError(f"{_name(path)}: is 4D ({t} frames, 0..{t - 1}); choose frames with --source-frame "
+                             "and --target-frame (Python: source_frame=, target_frame=)")
         image = _frame(sitk.GetArrayViewFromImage(image)[0], image.GetOrigin()[:3], image.GetSpacing()[:3],
                        _direction_3x3(image))
     elif dim not in (2, 3):
@@ -338,8 +338,9 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
     if _is_dicom(path, meta):
         frames = _multiframe_cine_frames(meta)
         if frames:
-            raise InputError(f"{_name(path)}: is 4D ({frames} frames: a multi-frame DICOM cine, its third "
-                             "axis is time); pass one frame, e.g. with read_cine")
+            raise InputError(f"{_name(path)}: is a multi-frame DICOM cine ({frames} frames, 0..{frames - 1}); "
+                             "choose frames with --source-frame and --target-frame (Python: source_frame=, "
+                             "target_frame=)")
         _warn_missing_spacing(path, meta)
     image = _as_3d(sitk.Cast(image, sitk.sitkFloat32))
     _check_values(path, sitk.GetArrayViewFromImage(image))

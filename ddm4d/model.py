@@ -120,14 +120,18 @@ class DDM(nn.Module):
     # -- training -----------------------------------------------------------------------------------
     def training_losses(self, source: torch.Tensor, target: torch.Tensor, t: torch.Tensor | None = None,
                         noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                        subtract_gamma0: bool | None = None) -> dict[str, torch.Tensor]:
+                        subtract_gamma0: bool | None = None, middle: torch.Tensor | None = None,
+                        gamma: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """L = L_diffuse + lambda * (-NCC(S o phi, T) + lambda_R * |grad phi|^2)  (DDM eq. 5-7).
 
         As in the authors' code, the deformation branch takes the code predicted at the sampled step t.
         With `subtract_gamma0` (default: config.subtract_gamma0 and config.subtracted_field_loss) phi is
         G_deform(S, c) - G_deform(S, 0), the field that generation outputs in that mode; off is the
-        paper's loss. Returns the total `loss` and its parts `diffusion`, `ncc` (a similarity, higher
-        is better) and `smooth`.
+        paper's loss. With a real in-between frame `middle` at normalised time `gamma` (batch,), the
+        field at gamma c must bring the source onto it too (weight config.inbetween_weight; not in the
+        paper): this is what makes gamma mean time and the code carry the target.
+        Returns the total `loss` and its parts `diffusion`, `ncc` (a similarity, higher is better),
+        `smooth` and, with `middle`, `ncc_middle`.
         """
         self._check(source, target)
         cfg = self.config
@@ -142,19 +146,30 @@ class DDM(nn.Module):
             noise = torch.randn(target.shape, device=target.device, dtype=target.dtype, generator=generator)
         x_t = self.schedule.q_sample(target, t, noise)
         code = self._code(source, target, x_t, t)
+        batch = source.shape[0]
+        codes = code
+        if middle is not None:
+            scale = gamma.to(code.dtype).view(-1, *([1] * (code.dim() - 1)))
+            codes = torch.cat([code, scale * code])  # one deformation pass for both
+            source_twice = torch.cat([source, source])
+        phi_all = self.deform(source_twice if middle is not None else source, codes)
         if subtract_gamma0:
             # the zero-code pass is recomputed in backward instead of keeping its activations: the
             # training step's peak memory stays that of the paper's loss (benchmarks/bench.py)
             phi0 = checkpoint(self.deform, source, torch.zeros_like(code), use_reentrant=False)
-            phi = self.deform(source, code) - phi0
-        else:
-            phi = self.deform(source, code)
+            phi_all = phi_all - (torch.cat([phi0, phi0]) if middle is not None else phi0)
+        phi = phi_all[:batch]
         warped = warp(source, phi)
         l_diffuse = diffusion_loss(code, noise)
         ncc = local_ncc(warped, target, cfg.ncc_window)
         smooth = smoothness(phi)
         loss = l_diffuse + cfg.loss_lambda * (-ncc + cfg.lambda_r * smooth)
-        return {"loss": loss, "diffusion": l_diffuse, "ncc": ncc, "smooth": smooth}
+        out = {"loss": loss, "diffusion": l_diffuse, "ncc": ncc, "smooth": smooth}
+        if middle is not None:
+            ncc_middle = local_ncc(warp(source, phi_all[batch:]), self._to_net(middle), cfg.ncc_window)
+            out["loss"] = loss - cfg.loss_lambda * cfg.inbetween_weight * ncc_middle
+            out["ncc_middle"] = ncc_middle
+        return out
 
     # -- inference ----------------------------------------------------------------------------------
     @torch.no_grad()

@@ -82,6 +82,10 @@ class RunDefaults:
     # (README, Results), 0.999 beat the raw weights of the same run on PSNR, Dice total and EF
     ema: float = 0.999
     ema_warmup: float = 10.0  # EMA decay ramps as (1 + n) / (ema_warmup + n) up to --ema
+    # training pairs: "cine" draws i -> j from every frame of each subject's cine (both directions, the
+    # identity included) with a real in-between frame as supervision; "ed-es" is the paper's ED -> ES
+    pairs: str = "cine"
+    identity_fraction: float = 0.1  # of "cine" draws: source = target, which must not move
     flip_probability: float = 0.5  # --augment: per spatial axis, the same flip for source and target
     intensity_scale: float = 0.1  # --augment: x * U(1 - s, 1 + s) + U(-shift, shift), then clipped
     intensity_shift: float = 0.1
@@ -89,7 +93,8 @@ class RunDefaults:
 
 RUN = RunDefaults()
 # streams of derived seeds, so no two kinds of draw ever share one
-_STREAM_TRAIN, _STREAM_AUGMENT, _STREAM_ORDER, _STREAM_VALIDATION = range(4)
+_STREAM_TRAIN, _STREAM_AUGMENT, _STREAM_ORDER, _STREAM_VALIDATION, _STREAM_PAIRS = range(5)
+PAIR_MODES = ("cine", "ed-es")
 
 
 # ============================================================================================ options
@@ -123,6 +128,7 @@ class TrainOptions:
     init: str | None = None
     disk_cache: bool = False
     paper_loss: bool | None = None
+    pairs: str | None = None
 
 
 def _check_options(o: TrainOptions) -> None:
@@ -147,6 +153,8 @@ def _check_options(o: TrainOptions) -> None:
         raise InputError(f"--ema DECAY must be in [0, 1), e.g. {RUN.ema} (0 turns the average off); got {o.ema}")
     if o.method is not None and o.method not in METHODS:
         raise InputError(f"--method must be one of {', '.join(METHODS)}, got {o.method}")
+    if o.pairs is not None and o.pairs not in PAIR_MODES:
+        raise InputError(f"--pairs must be one of {', '.join(PAIR_MODES)}, got {o.pairs}")
     if o.progress not in ("bar", "json"):
         raise InputError(f"--progress must be bar or json, got {o.progress}")
     if o.size is not None and (len(o.size) not in (2, 3) or min(o.size) < 1):
@@ -435,16 +443,33 @@ def preprocess_subject(subject: Subject, config: DDMConfig) -> np.ndarray:
     return np.stack([source, target]).astype(np.float32)
 
 
+def preprocess_cycle(subject: Subject, config: DDMConfig) -> np.ndarray:
+    """Every frame of the subject's cine on the model grid around its ED frame, each normalised to
+    [-1, 1]: float16 (n_frames, *spatial) (half the memory; the networks see float32). A subject
+    without a cine (a CSV pair, an ACDC folder without its 4D file) gives [ED, ES]."""
+    if subject.kind == "pairs" or not subject.has_cine:
+        return preprocess_subject(subject, config).astype(np.float16)
+    cycle = subject.load_cycle()
+    ed = cycle[subject.ed]
+    _, _, mapping = to_model_grid(ed, ed, config.image_size, config.spacing,
+                                  source_name=f"{subject.id} ED", target_name=f"{subject.id} ED")
+    return np.stack([mapping.image_to_model(frame) for frame in cycle]).astype(np.float16)
+
+
 def prepare_pairs(subjects: list[Subject], config: DDMConfig, cache_dir: Path | None, write_cache: bool,
-                  reporter: Reporter) -> tuple[list[str], torch.Tensor]:
-    """All pairs in memory once (an epoch never re-reads NIfTI); a subject that fails is skipped, warned."""
+                  reporter: Reporter, whole_cine: bool = False) -> tuple[list[str], Any]:
+    """All data in memory once (an epoch never re-reads NIfTI); a subject that fails is skipped, warned.
+
+    ED -> ES pairs: one (n, 2, *spatial) tensor. `whole_cine`: one (n_frames, *spatial) tensor per
+    subject, every frame of its cine."""
     ids, arrays = [], []
     for subject in subjects:
-        path = cache_dir / f"{subject.id}-{_cache_key(subject, config)}.npy" if cache_dir else None
+        kind = "cycle" if whole_cine else "pair"
+        path = cache_dir / f"{subject.id}-{kind}-{_cache_key(subject, config)}.npy" if cache_dir else None
         array = _load_cached(path)
         if array is None:
             try:
-                array = preprocess_subject(subject, config)
+                array = preprocess_cycle(subject, config) if whole_cine else preprocess_subject(subject, config)
             except (InputError, RuntimeError, ValueError) as err:
                 reporter.warn(f"skipping {subject.id}: {err}")
                 continue
@@ -452,8 +477,28 @@ def prepare_pairs(subjects: list[Subject], config: DDMConfig, cache_dir: Path | 
                 _save_cached(path, array)
         ids.append(subject.id)
         arrays.append(array)
+    if whole_cine:
+        return ids, [torch.from_numpy(a) for a in arrays]
     stack = torch.from_numpy(np.stack(arrays)) if arrays else torch.empty(0)
     return ids, stack
+
+
+def draw_frames(n_frames: int, rng: np.random.Generator, identity_fraction: float = RUN.identity_fraction
+                ) -> tuple[int, int, int | None, float]:
+    """(source, target, in-between frame or None, its gamma) drawn from a cine of n_frames frames.
+
+    Both directions are drawn (j < i is the cine played backwards) and, with `identity_fraction`,
+    source = target. The in-between frame is one of those strictly between, at gamma = |k - i| / |j - i|:
+    frames are taken as evenly timed, so gamma is normalised time."""
+    if n_frames < 2 or rng.random() < identity_fraction:
+        i = int(rng.integers(n_frames))
+        return i, i, None, 0.0
+    i, j = (int(v) for v in rng.choice(n_frames, size=2, replace=False))
+    if abs(j - i) < 2:
+        return i, j, None, 0.0
+    step = 1 if j > i else -1
+    k = int(rng.choice(np.arange(i + step, j, step)))
+    return i, j, k, abs(k - i) / abs(j - i)
 
 
 # =============================================================================================== model
@@ -522,8 +567,10 @@ class _LossModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, source, target, generator=None):
-        return self.model.training_losses(source, target, generator=generator)
+    def forward(self, source, target, middle=None, gamma=None, generator=None):
+        if middle is None:
+            return self.model.training_losses(source, target, generator=generator)
+        return self.model.training_losses(source, target, generator=generator, middle=middle, gamma=gamma)
 
 
 # ========================================================================================= checkpoints
@@ -762,13 +809,14 @@ class Run:
     iterations_per_epoch: int
     train_ids: list[str]
     validation_ids: list[str]
-    train_pairs: torch.Tensor
+    train_pairs: Any  # (n, 2, *spatial) ED -> ES pairs, or with pairs "cine" a list of (n_frames, *spatial)
     validation_pairs: torch.Tensor
     device: torch.device
     dist: Dist
     stored: dict[str, Any] | None = None
     fingerprint: dict[str, Any] = field(default_factory=dict)
     init_model: nn.Module | None = None
+    pairs: str = RUN.pairs
 
     @property
     def checkpoints(self) -> Path:
@@ -779,12 +827,13 @@ class Run:
         return math.ceil(self.total_iterations / self.iterations_per_epoch)
 
 
-def _fingerprint(method, config: DDMConfig, seed, validation_fraction, augment, ema, train_ids, val_ids) -> dict:
+def _fingerprint(method, config: DDMConfig, seed, validation_fraction, augment, ema, train_ids, val_ids,
+                 pairs: str = RUN.pairs) -> dict:
     """What must not change between a run and its --resume (the total length may)."""
     model = {k: v for k, v in config.to_dict().items() if k not in ("epochs", "notes")}
     return {"method": method, "config": json.loads(json.dumps(model)), "seed": seed,
             "validation_fraction": validation_fraction, "augment": augment, "ema": ema,
-            "train_subjects": list(train_ids), "validation_subjects": list(val_ids)}
+            "train_subjects": list(train_ids), "validation_subjects": list(val_ids), "pairs": pairs}
 
 
 def _compare_fingerprints(stored: dict, current: dict, run_dir: Path) -> None:
@@ -864,7 +913,10 @@ def resolve_run(o: TrainOptions, dist: Dist, device: torch.device, reporter: Rep
     train_set, val_set = dataset.split(fraction, seed)
 
     cache_dir = run_dir / "cache" if o.disk_cache else None
-    train_ids, train_pairs = prepare_pairs(train_set.subjects, config, cache_dir, dist.main, reporter)
+    # a run from before "pairs" existed trained on ED -> ES
+    pairs = _choose(o.pairs, stored, "pairs", RUN.pairs if not stored else "ed-es")
+    train_ids, train_pairs = prepare_pairs(train_set.subjects, config, cache_dir, dist.main, reporter,
+                                           whole_cine=(pairs == "cine"))
     val_ids, val_pairs = prepare_pairs(val_set.subjects, config, cache_dir, dist.main, reporter)
     if not train_ids:
         raise InputError(f"{o.data}: no subject could be prepared for training (see the warnings above)")
@@ -881,8 +933,8 @@ def resolve_run(o: TrainOptions, dist: Dist, device: torch.device, reporter: Rep
         log_every=_choose(o.log_every, stored, "log_every", RUN.log_every),
         total_iterations=total, iterations_per_epoch=per_epoch, train_ids=train_ids, validation_ids=val_ids,
         train_pairs=train_pairs, validation_pairs=val_pairs, device=device, dist=dist, stored=stored,
-        init_model=init_model)
-    run.fingerprint = _fingerprint(method, config, seed, fraction, augment, ema, train_ids, val_ids)
+        init_model=init_model, pairs=pairs)
+    run.fingerprint = _fingerprint(method, config, seed, fraction, augment, ema, train_ids, val_ids, pairs)
     if stored:
         _compare_fingerprints(stored.get("fingerprint", {}), run.fingerprint, run_dir)
     return run
@@ -898,7 +950,7 @@ def _run_config_json(run: Run) -> dict[str, Any]:
                 "total_iterations": run.total_iterations, "iterations_per_epoch": run.iterations_per_epoch,
                 "epochs": run.epochs, "checkpoint_every": run.checkpoint_every, "keep_last": run.keep_last,
                 "validate_every": run.validate_every, "log_every": run.log_every, "world_size": run.dist.world_size,
-                "init": run.options.init},
+                "init": run.options.init, "pairs": run.pairs},
         "subjects": {"train": run.train_ids, "validation": run.validation_ids},
         "fingerprint": run.fingerprint,
     }
@@ -971,27 +1023,50 @@ class Trainer:
             self.step_module = DistributedDataParallel(self.step_module, device_ids=ids)
 
     # -- one iteration -------------------------------------------------------------------------------
-    def batch(self, iteration: int) -> torch.Tensor:
+    def batch(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(B, 2, *spatial) source and target, and with pairs "cine" (B, 1, *spatial) in-between frames
+        and their gammas (B,); a draw without one has source and gamma 0 there (no gradient)."""
         run = self.run
         b, world = run.config.batch_size, run.dist.world_size
         epoch, position = divmod(iteration, run.iterations_per_epoch)
         order = epoch_order(run.seed, epoch, len(run.train_ids), b * world)
         start = position * b * world + run.dist.rank * b
-        pairs = run.train_pairs[torch.from_numpy(order[start:start + b].copy())]
+        chosen = order[start:start + b]
+        middle = gammas = None
+        if run.pairs == "cine":
+            rng = np.random.default_rng(_derived_seed(run.seed, _STREAM_PAIRS, run.dist.rank, iteration))
+            stacks, gammas_list, any_middle = [], [], False
+            for index in chosen:
+                cycle = run.train_pairs[int(index)]
+                i, j, k, gamma = draw_frames(cycle.shape[0], rng)
+                any_middle |= k is not None
+                stacks.append(torch.stack([cycle[i], cycle[j], cycle[i if k is None else k]]))
+                gammas_list.append(gamma)
+            triples = torch.stack(stacks).float()
+            if run.augment:
+                rng_aug = np.random.default_rng(_derived_seed(run.seed, _STREAM_AUGMENT, run.dist.rank, iteration))
+                triples = augment_batch(triples, rng_aug)
+            triples = triples.to(run.device, non_blocking=True)
+            pairs = triples[:, :2]
+            if any_middle:
+                middle = triples[:, 2:]
+                gammas = torch.tensor(gammas_list, device=run.device)
+            return pairs, middle, gammas
+        pairs = run.train_pairs[torch.from_numpy(chosen.copy())]
         if run.augment:
             rng = np.random.default_rng(_derived_seed(run.seed, _STREAM_AUGMENT, run.dist.rank, iteration))
             pairs = augment_batch(pairs, rng)
-        return pairs.to(run.device, non_blocking=True)
+        return pairs.to(run.device, non_blocking=True), None, None
 
     def step(self, iteration: int) -> torch.Tensor:
         """One optimiser step; returns [loss, diffusion, ncc, smooth, stop] summed over ranks."""
         run = self.run
-        pairs = self.batch(iteration)
+        pairs, middle, gammas = self.batch(iteration)
         generator = torch.Generator(device=run.device)
         generator.manual_seed(_derived_seed(run.seed, _STREAM_TRAIN, run.dist.rank, iteration))
         self.model.train()
         with autocast(run.device):
-            out = self.step_module(pairs[:, :1], pairs[:, 1:], generator=generator)
+            out = self.step_module(pairs[:, :1], pairs[:, 1:], middle, gammas, generator=generator)
         self.optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         self.optimizer.step()
@@ -1267,6 +1342,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--paper-loss", action="store_true", default=None,
                         help="the paper's loss on phi(c); by default the loss sees phi(c) - phi(0), the field that "
                         "generation outputs (one more deformation pass per step)")
+    parser.add_argument("--pairs", choices=PAIR_MODES, help="cine (default): pairs i -> j from every frame of each "
+                        "cine, both directions and the identity, with a real in-between frame as supervision at its "
+                        "time; ed-es: the paper's ED -> ES pairs only")
     parser.add_argument("--disk-cache", action="store_true", help="also cache the preprocessed pairs as "
                         "RUN_DIR/cache/*.npy for later runs")
 

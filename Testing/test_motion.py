@@ -1,0 +1,305 @@
+"""Motion that is right: velocity-field paths, per-case refinement, symmetric generation, the classical
+baselines and the scoring against a real cine's own frames."""
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from ddm4d.classical import demons_field, demons_frames, linear_blend
+from ddm4d.cine import frame_gammas, inbetween, score_frames
+from ddm4d.cli import main as cli
+from ddm4d.config import DDMConfig, RefineConfig
+from ddm4d.errors import Cancelled, InputError
+from ddm4d.generate import generate
+from ddm4d.losses import local_ncc
+from ddm4d.model import DDM
+from ddm4d.refine import path_fields, refine_velocity
+from ddm4d.svf import compose, integrate, invert, logarithm, resize_field
+from ddm4d.warp import warp
+
+
+def disc(shape=(64, 64), center=(32.0, 32.0), radius=14.0, ring=6.0):
+    """A bright cavity in a darker wall on a dark background, [-1, 1] like the model's inputs."""
+    yy, xx = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in shape], indexing="ij")
+    r = ((yy - center[0]) ** 2 + (xx - center[1]) ** 2).sqrt()
+    image = -1 + 1.6 * torch.sigmoid((radius - r) * 1.5) + 0.5 * torch.sigmoid((radius + ring - r) * 1.5)
+    return image[None, None]
+
+
+def smooth_field(shape, amplitude, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(1, len(shape), *[max(2, n // 8) for n in shape], generator=g) * amplitude
+    return torch.nn.functional.interpolate(v, size=shape, mode="bilinear" if len(shape) == 2 else "trilinear",
+                                           align_corners=True)
+
+
+def as_image(t: torch.Tensor, spacing=(1.5, 1.5, 8.0)) -> sitk.Image:
+    a = t.detach().numpy()[0, 0]
+    image = sitk.GetImageFromArray((a[None] if a.ndim == 2 else a).astype(np.float32) * 200 + 300)
+    image.SetSpacing(spacing)
+    return image
+
+
+# ---------------------------------------------------------------------------------------- velocity paths
+
+def test_exp_of_a_constant_velocity_is_that_translation_and_exp_minus_v_inverts_exp_v():
+    v = torch.zeros(1, 2, 32, 32)
+    v[:, 1] = 2.5
+    phi = integrate(v)
+    assert torch.allclose(phi[..., 4:-4, 4:-4], v[..., 4:-4, 4:-4], atol=1e-4)
+    assert integrate(torch.zeros(1, 3, 6, 8, 8)).abs().max().item() == 0.0
+    v = smooth_field((40, 40), 1.0)
+    round_trip = compose(integrate(-v), integrate(v))[..., 3:-3, 3:-3].abs()
+    assert round_trip.mean().item() < 0.01 and round_trip.quantile(0.99).item() < 0.05
+
+
+def test_invert_and_logarithm_recover_smooth_fields():
+    phi = integrate(smooth_field((48, 48), 1.0, seed=1))
+    inverse = invert(phi)
+    error = compose(inverse, phi)[..., 4:-4, 4:-4].abs()
+    assert error.mean().item() < 0.01 and error.quantile(0.99).item() < 0.1
+    v = logarithm(phi)
+    assert (integrate(v) - phi)[..., 4:-4, 4:-4].abs().mean().item() < 0.01
+
+
+def test_resize_field_keeps_a_constant_displacement_in_millimetres():
+    v = torch.full((1, 2, 16, 16), 1.0)
+    up = resize_field(v, (32, 48))
+    assert torch.allclose(up[0, 0], torch.full((32, 48), 2.0)) and torch.allclose(up[0, 1], torch.full((32, 48), 3.0))
+
+
+def test_path_fields_at_half_are_exp_of_half_the_velocity_and_backward_ends_at_the_identity():
+    v = smooth_field((32, 32), 1.0, seed=2)
+    fields = path_fields(v, [0.0, 0.5, 1.0])
+    assert fields[0].abs().max().item() == 0.0
+    assert torch.allclose(fields[1:2], integrate(0.5 * v), atol=1e-6)
+    back = path_fields(v, [0.0, 0.5, 1.0], backward=True)
+    assert back[2].abs().max().item() == 0.0 and torch.allclose(back[0:1], integrate(-v), atol=1e-6)
+
+
+# -------------------------------------------------------------------------------------------- refinement
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_refinement_recovers_a_contraction_and_a_shift(symmetric):
+    source = disc()
+    target = disc(center=(30.0, 35.0), radius=10.0)
+    result = refine_velocity(source, target, [1.5, 1.5], symmetric=symmetric)
+    assert result.start == "zero"
+    end = warp(source, integrate(result.velocity))
+    assert local_ncc(end, target).item() > local_ncc(source, target).item() + 0.08
+    assert (end - target).pow(2).mean().item() < 0.02 * (source - target).pow(2).mean().item()
+    # halfway along the path: the cavity halfway (radius ~12, centre ~(31, 33.5))
+    half = warp(source, integrate(0.5 * result.velocity))[0, 0]
+    bright = (half > 0.2).float()
+    ys, xs = torch.nonzero(bright, as_tuple=True)
+    assert abs(ys.float().mean().item() - 31.0) < 1.0 and abs(xs.float().mean().item() - 33.5) < 1.0
+    radius = (bright.sum().item() / np.pi) ** 0.5
+    assert 10.7 < radius < 13.3
+    # diffeomorphic: no folding anywhere on the path
+    from ddm4d.geometry import jacobian_determinant
+    for g in (0.25, 0.5, 1.0):
+        assert jacobian_determinant(integrate(g * result.velocity)[0].numpy()).min() > 0
+
+
+def test_refinement_starts_from_the_model_only_where_that_is_better():
+    source, target = disc(), disc(center=(32.0, 36.0), radius=12.0)
+    good = refine_velocity(source, target, [1.5, 1.5]).velocity
+    started = refine_velocity(source, target, [1.5, 1.5], start=good)
+    assert started.start == "model"
+    garbage = smooth_field((64, 64), 6.0, seed=3)
+    assert refine_velocity(source, target, [1.5, 1.5], start=garbage).start == "zero"
+
+
+def test_identical_images_do_not_move_and_constant_images_are_refused():
+    source = disc()
+    result = refine_velocity(source, source.clone(), [1.5, 1.5])
+    assert result.velocity.abs().max().item() < 0.05
+    with pytest.raises(InputError, match="constant"):
+        refine_velocity(source, torch.zeros_like(source), [1.5, 1.5])
+
+
+def test_refinement_cancel_stops_within_a_second():
+    source, target = disc(), disc(center=(30.0, 35.0), radius=10.0)
+    begun = time.perf_counter()
+    with pytest.raises(Cancelled):
+        refine_velocity(source, target, [1.5, 1.5], cancel=lambda: time.perf_counter() - begun > 0.2)
+    assert time.perf_counter() - begun < 1.2
+
+
+def test_thick_slices_get_a_thinner_window_and_3d_refinement_works():
+    source = disc((64, 64))[0, 0]
+    vol_s = torch.stack([source] * 6)[None, None]
+    vol_t = torch.stack([disc((64, 64), center=(31.0, 34.0), radius=11.0)[0, 0]] * 6)[None, None]
+    result = refine_velocity(vol_s, vol_t, [8.0, 1.5, 1.5])
+    end = warp(vol_s, integrate(result.velocity))
+    assert (end - vol_t).pow(2).mean().item() < 0.3 * (vol_s - vol_t).pow(2).mean().item()
+    # through-plane motion stays small: the slices are all alike
+    assert result.velocity[0, 0].abs().mean().item() < 0.1
+
+
+# ---------------------------------------------------------------------------------------- generation
+
+def zero_field_model(dims=2):
+    """An untrained DDM whose deformation outputs exactly zero: every frame pair is unmoved."""
+    model = DDM(DDMConfig.for_dims(dims, image_size=(64, 64)))
+    with torch.no_grad():
+        model.deformation.flow.weight.zero_()
+        model.deformation.flow.bias.zero_()
+    return model
+
+
+def test_symmetric_generation_cross_fades_with_one_minus_gamma_and_gamma():
+    """With a model that moves nothing, symmetric frames are exactly the linear blend."""
+    s, t = as_image(disc()), as_image(disc(center=(30.0, 35.0), radius=10.0))
+    gammas = [0.0, 0.25, 0.5, 1.0]
+    result = generate(s, t, model=zero_field_model(), gammas=gammas, mode="symmetric", refine=False, device="cpu")
+    for g, frame, blend in zip(gammas, result.frames, linear_blend(s, t, gammas)):
+        np.testing.assert_allclose(sitk.GetArrayViewFromImage(frame), sitk.GetArrayViewFromImage(blend), atol=1e-3)
+
+
+@pytest.mark.parametrize("model", ["none", "zero"])
+def test_symmetric_refined_end_frames_are_exact_and_the_middle_has_moved(model):
+    s, t = as_image(disc()), as_image(disc(center=(30.0, 35.0), radius=10.0))
+    net = "none" if model == "none" else zero_field_model()
+    result = generate(s, t, model=net, frames=5, device="cpu")
+    assert result.mode == "symmetric" and result.refinement is not None
+    a = [sitk.GetArrayViewFromImage(f) for f in result.frames]
+    np.testing.assert_array_equal(a[0], sitk.GetArrayViewFromImage(s))
+    np.testing.assert_allclose(a[-1], sitk.GetArrayViewFromImage(t), atol=1e-3)
+    blend = sitk.GetArrayFromImage(linear_blend(s, t, [0.5])[0])
+    truth = sitk.GetArrayFromImage(as_image(disc(center=(31.0, 33.5), radius=12.0)))
+    assert np.mean((a[2] - truth) ** 2) < 0.5 * np.mean((blend - truth) ** 2)
+    assert max(result.folding_fraction) == 0.0
+
+
+def test_forward_mode_frames_are_the_source_warped_by_the_written_fields():
+    s, t = as_image(disc()), as_image(disc(center=(30.0, 35.0), radius=10.0))
+    result = generate(s, t, model="none", frames=3, mode="forward", device="cpu")
+    from ddm4d.geometry import warp_image
+    for frame, field in zip(result.frames, result.fields):
+        np.testing.assert_allclose(sitk.GetArrayViewFromImage(frame),
+                                   sitk.GetArrayFromImage(warp_image(s, field)), atol=1e-3)
+
+
+def test_model_field_at_half_gamma_is_the_field_of_half_the_code():
+    torch.manual_seed(0)
+    model = DDM(DDMConfig.for_dims(2, image_size=(32, 32)))
+    with torch.no_grad():
+        model.deformation.flow.weight.mul_(50)
+    s, t = disc((32, 32), (16.0, 16.0), 8.0), disc((32, 32), (15.0, 18.0), 6.0)
+    code = 50 * torch.randn(1, 1, 32, 32, generator=torch.Generator().manual_seed(0))  # untrained codes are ~0
+    gen = model.generate(s, t, [0.5], code=code)
+    expected = model._field_from_net(model.deform(s, 0.5 * code) - model.deform(s, torch.zeros_like(code)))
+    torch.testing.assert_close(gen.fields, expected, atol=1e-5, rtol=1e-4)
+    # and the check can tell: the field of a quarter of the code is visibly another one
+    quarter = model.generate(s, t, [0.25], code=code).fields
+    assert (quarter - expected).abs().max().item() > 1e-3
+
+
+def test_gpu_out_of_memory_retries_smaller_then_falls_back_to_the_cpu(monkeypatch, capsys):
+    """Tested on the CPU: the first passes raise CUDA's out-of-memory error as a GPU would."""
+    import ddm4d.generate as gen_module
+
+    calls = []
+    real_run_on = gen_module._run_on
+
+    def flaky(net, src, tgt, gammas, device, chunk_size, subtract):
+        calls.append((str(device), chunk_size))
+        if len(calls) <= 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_run_on(net, src, tgt, gammas, torch.device("cpu"), chunk_size, subtract)
+
+    monkeypatch.setattr(gen_module, "_run_on", flaky)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    s, t = as_image(disc()), as_image(disc(center=(30.0, 35.0), radius=10.0))
+    model = zero_field_model()
+    monkeypatch.setattr(model, "auto_chunk_size", lambda source: 2)
+    result = generate(s, t, model=model, frames=4, refine=False, device="cpu")
+    assert calls[0] == ("cpu", None) and calls[1] == ("cpu", 1) and calls[2] == ("cpu", 1)
+    assert result.messages[:2] == ["GPU out of memory: retrying with 1 gammas per pass",
+                                   "GPU out of memory even one gamma at a time: continuing on the CPU"]
+    assert "continuing on the CPU" in capsys.readouterr().err
+    assert len(result.frames) == 4
+
+
+# ------------------------------------------------------------------------------- classical baselines
+
+def test_demons_recovers_a_shift_on_an_oblique_single_slice_and_symmetric_ends_are_exact():
+    s = as_image(disc(), spacing=(1.5, 1.5, 8.0))
+    t = as_image(disc(center=(32.0, 36.0)), spacing=(1.5, 1.5, 8.0))
+    direction = np.array([[0.8, -0.6, 0], [0.6, 0.8, 0], [0, 0, 1.0]]) @ np.array([[1, 0, 0], [0, 0.96, -0.28], [0, 0.28, 0.96]])
+    for image in (s, t):
+        image.SetDirection(direction.ravel().tolist())
+    field = demons_field(t, s)  # s(x + u) ~ t(x): u points 4 voxels (6 mm) back along the image's x axis
+    u = sitk.GetArrayViewFromImage(field)[0, 28:36, 40:48] @ direction  # LPS -> along the image axes
+    assert np.mean(u[..., 0]) == pytest.approx(-6.0, abs=1.5) and abs(np.mean(u[..., 1])) < 1.0
+    assert np.abs(u[..., 2]).max() < 1e-9
+    frames, _ = demons_frames(s, t, [0.0, 0.5, 1.0], symmetric=True)
+    np.testing.assert_allclose(sitk.GetArrayViewFromImage(frames[0]), sitk.GetArrayViewFromImage(s), atol=1e-3)
+    np.testing.assert_allclose(sitk.GetArrayViewFromImage(frames[2]), sitk.GetArrayViewFromImage(t), atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------ cine scoring
+
+def test_in_between_frames_and_their_gammas_in_both_directions():
+    assert inbetween(2, 6) == [(3, 0.25), (4, 0.5), (5, 0.75)]
+    assert inbetween(6, 2) == [(5, 0.25), (4, 0.5), (3, 0.75)]
+    assert frame_gammas(0, 3) == [0.0, 1 / 3, 2 / 3, 1.0]
+    assert inbetween(4, 5) == []
+
+
+def test_scores_compare_with_the_blend_and_the_source_on_one_intensity_map():
+    cine = [as_image(disc(center=(32.0, 32.0 + k), radius=14.0 - k)) for k in range(5)]
+    gammas = frame_gammas(0, 4)
+    blend = linear_blend(cine[0], cine[4], gammas)
+    score = score_frames(blend, gammas, cine, 0, 4)
+    assert [r["frame"] for r in score["frames"]] == [1, 2, 3]
+    for r in score["frames"]:
+        assert r["generated_psnr_db"] == pytest.approx(r["blend_psnr_db"])
+        assert r["generated_psnr_db"] > r["initial_psnr_db"]
+    perfect = score_frames(cine, gammas, cine, 0, 4)
+    assert all(np.isinf(r["generated_psnr_db"]) for r in perfect["frames"])
+    with pytest.raises(InputError, match="no generated frame at gamma"):
+        score_frames(blend[:2], gammas[:2], cine, 0, 4)
+    with pytest.raises(InputError, match="neighbours"):
+        score_frames(blend, gammas, cine, 1, 2)
+
+
+def write_cine4d(path: Path, frames: list[sitk.Image]) -> None:
+    arrays = np.stack([sitk.GetArrayViewFromImage(f) for f in frames])  # (t, z, y, x)
+    image = sitk.GetImageFromArray(arrays, isVector=False)
+    image.SetSpacing(frames[0].GetSpacing() + (1.0,))
+    sitk.WriteImage(image, str(path))
+
+
+def test_cli_takes_frames_of_a_4d_cine_and_scores_against_its_own_frames(tmp_path, capsys):
+    cine = [as_image(disc(center=(32.0, 32.0 + k), radius=14.0 - k)) for k in range(6)]
+    path = tmp_path / "cine.nii.gz"
+    write_cine4d(path, cine)
+    out = tmp_path / "out"
+    code = cli(["generate", "--source", str(path), "--source-frame", "0", "--target-frame", "4", "--model", "none",
+                "--score", "--out", str(out), "--quiet", "--no-quicklook"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "against the real frames in between" in printed
+    import json
+    report = json.loads((out / "report.json").read_text())
+    assert report["gammas"] == frame_gammas(0, 4)
+    score = json.loads((out / "score.json").read_text())
+    assert score["mean"]["generated_psnr_db"] > score["mean"]["blend_psnr_db"]
+    assert (out / "score.md").read_text().startswith("# Generated frames against the real cine")
+    # a 4D file without frames, and frames out of range: exit 2, one line
+    for args, message in ((["--target", str(path)], "choose frames with --source-frame"),
+                          (["--source-frame", "0", "--target-frame", "9"], "out of range: the cine has 6 frames"),
+                          (["--source-frame", "0", "--target-frame", "3", "--score", "--frames", "5"], "drop --frames")):
+        code = cli(["generate", "--source", str(path), "--out", str(tmp_path / "o2"), "--quiet", *args])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_refine_config_rejects_inconsistent_levels():
+    with pytest.raises(ValueError, match="one entry each"):
+        RefineConfig(levels=(4, 2), steps=(10,))
