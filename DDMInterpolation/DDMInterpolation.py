@@ -32,7 +32,7 @@ from DDMInterpolationLib import Constants
 SETTINGS_MODEL_PATHS = "DDMInterpolation/ModelPaths"  # DDMTraining appends the models it trains here
 SETTINGS_MODEL = "DDMInterpolation/Model"
 SETTINGS_DEVICE = "DDMInterpolation/Device"
-UNTRAINED_MODEL = "untrained"  # combo box data of "no model, per-case fitting only"
+UNTRAINED_MODEL = "untrained"  # combo box data of "no network: per-case refinement (or fitting) only"
 POLL_INTERVAL_MS = 200
 
 
@@ -51,8 +51,11 @@ segmentation is given, the propagated labels with a volume-over-time plot.
 <ol>
 <li>Choose a source and a target volume, or a cine sequence and two of its items
 (then each generated frame that falls on a real item gets a PSNR in a table and plot).</li>
-<li>Set the number of frames, the model (bundled, or your own .safetensors file), the device, and
-optionally per-case fitting steps, an ROI to centre the field of view, and a source segmentation.</li>
+<li>Set the number of frames, the model (the bundled ones are trained on synthetic data; or your own
+.safetensors file), the device, and optionally an ROI to centre the field of view and a source
+segmentation. <b>Refine on this pair</b> (on by default) optimises the motion path on your scans,
+started from the model; <b>Symmetric</b> (on by default) cross-fades the source and the target
+warped along that path.</li>
 <li>Press <b>Generate intermediate phases</b>. It runs in the background; Cancel stops it.
 Play the result with the sequence browser toolbar.</li>
 </ol>
@@ -79,6 +82,8 @@ class DDMInterpolationParameterNode:
     targetItem: Annotated[int, Minimum(0)] = 1
     numberOfFrames: Annotated[int, WithinRange(2, 500)] = Constants.DEFAULT_NUMBER_OF_FRAMES
     fitSteps: Annotated[int, WithinRange(0, 100000)] = 0
+    refine: bool = Constants.DEFAULT_REFINE
+    symmetric: bool = Constants.DEFAULT_MODE == "symmetric"
     roi: vtkMRMLMarkupsROINode
     sourceSegmentation: Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode]
 
@@ -224,12 +229,12 @@ class DDMInterpolationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         combo = self.ui.modelComboBox
         wasBlocked = combo.blockSignals(True)
         combo.clear()
-        combo.addItem("Bundled default model", Constants.DEFAULT_MODEL)
+        combo.addItem("Bundled default model (trained on synthetic data)", Constants.DEFAULT_MODEL)
         for path in paths:
             if os.path.isfile(path):
                 combo.addItem(os.path.basename(path), path)
                 combo.setItemData(combo.count - 1, path, qt.Qt.ToolTipRole)
-        combo.addItem("Untrained (per-case fitting only)", UNTRAINED_MODEL)
+        combo.addItem("No model (refinement on this pair only)", UNTRAINED_MODEL)
         index = combo.findData(current)
         combo.currentIndex = index if index >= 0 else 0
         combo.blockSignals(wasBlocked)
@@ -264,7 +269,8 @@ class DDMInterpolationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _generationArguments(self):
         p = self._parameterNode
         kwargs = dict(numberOfFrames=p.numberOfFrames, model=self._selectedModel(),
-                      device=self.ui.deviceComboBox.currentData, fitSteps=p.fitSteps, roiNode=p.roi,
+                      device=self.ui.deviceComboBox.currentData, fitSteps=p.fitSteps, refine=p.refine,
+                      mode="symmetric" if p.symmetric else "forward", roiNode=p.roi,
                       segmentationNode=p.sourceSegmentation)
         if p.useCineSequence:
             kwargs.update(sequenceNode=p.cineSequence, sourceItem=p.sourceItem, targetItem=p.targetItem)

@@ -63,10 +63,12 @@ def pair(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def generated(pair):
+    """Forward mode (frames are the source warped by the written fields), refinement on (the default):
+    the refinement grid's fields go through the same geometry as the model's."""
     out = pair / "out"
     code = cli(["generate", "--source", str(pair / "source.nii.gz"), "--target", str(pair / "target.nrrd"),
                 "--model", str(pair / "model.safetensors"), "--frames", "5", "--seg", str(pair / "labels.nii.gz"),
-                "--device", "cpu", "--out", str(out), "--quiet"])
+                "--device", "cpu", "--out", str(out), "--quiet", "--mode", "forward"])
     assert code == 0
     return out
 

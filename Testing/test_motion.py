@@ -303,3 +303,17 @@ def test_cli_takes_frames_of_a_4d_cine_and_scores_against_its_own_frames(tmp_pat
 def test_refine_config_rejects_inconsistent_levels():
     with pytest.raises(ValueError, match="one entry each"):
         RefineConfig(levels=(4, 2), steps=(10,))
+
+
+def test_network_fitting_keeps_its_best_iterate_not_its_last():
+    """A step size that wrecks the network: nothing beats the starting weights, so they come back."""
+    from ddm4d.generate import fit_pair
+
+    torch.manual_seed(0)
+    model = DDM(DDMConfig.for_dims(2, image_size=(32, 32), fit_lr=50.0))
+    source = disc((32, 32), (16.0, 16.0), 8.0)[0, 0].numpy()
+    target = disc((32, 32), (15.0, 18.0), 6.0)[0, 0].numpy()
+    fitted, losses = fit_pair(model, source, target, steps=6, device=torch.device("cpu"), checks=6)
+    assert len(losses) == 6
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, fitted.state_dict()[name]), name

@@ -14,6 +14,16 @@ from typing import Any
 
 FORMAT_VERSION = 1
 
+# generation (ddm4d.generate; the Slicer module reads these too, so this module never imports torch):
+# "symmetric" warps the source forward and the target backward along one path and cross-fades them,
+# "forward" warps the source only (the paper). The defaults are what measured best on real cines and
+# unseen phantom subjects (benchmarks/motion.py, README "Motion on real scans").
+MODES = ("symmetric", "forward")
+MODE_ALIASES = {"bidirectional": "symmetric"}  # the old name of symmetric generation
+DEFAULT_MODE = "symmetric"
+DEFAULT_REFINE = True  # per-case refinement of the path (ddm4d.refine), started from the model
+DEFAULT_MODEL_TIMING = True  # refined frames follow the model's own pace along its path
+
 
 @dataclass
 class DDMConfig:
@@ -154,8 +164,6 @@ class RefineConfig:
     window: int = 9
     smoothness: float = 1.0
     integration_steps: int = 7
-    similarity: str = "ncc"
-    mse_weight: float = 10.0
 
     def __post_init__(self) -> None:
         for levels, steps in ((self.levels, self.steps), (self.levels_3d, self.steps_3d)):

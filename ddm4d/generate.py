@@ -25,7 +25,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .config import DDMConfig, RefineConfig
+from .config import (DDMConfig, DEFAULT_MODE, DEFAULT_MODEL_TIMING, DEFAULT_REFINE, MODE_ALIASES, MODES,
+                     RefineConfig)
 from .device import autocast, resolve_device
 from .errors import Cancelled, InputError
 from .geometry import (ModelMapping, folding_fraction, jacobian_determinant, resample_to_reference,
@@ -84,13 +85,6 @@ class GenerationResult:
 
 # ------------------------------------------------------------------------------------------ the API
 
-MODES = ("symmetric", "forward")
-#: the old name of symmetric generation (a cross-fade of both directions), still accepted
-MODE_ALIASES = {"bidirectional": "symmetric"}
-DEFAULT_MODE = "symmetric"
-DEFAULT_REFINE = True
-#: refined frames follow the model's own pace along the path (ddm4d.generate._model_timing)
-DEFAULT_MODEL_TIMING = True
 
 
 def generate(source, target=None, model: Any = "default", frames: int = 10, gammas: Sequence[float] | None = None,

@@ -79,14 +79,7 @@ class _Objective:
         a, b = self.images(v)
         w = v * self.to_finest
         smooth = sum(torch.diff(w, dim=2 + i).pow(2).mean() / (r * r) for i, r in enumerate(self.axis_ratio))
-        sim = getattr(self.config, "similarity", "ncc")
-        if sim == "ncc":
-            d = -local_ncc(a, b, self.window)
-        elif sim == "mse":
-            d = getattr(self.config, "mse_weight", 10.0) * (a - b).pow(2).mean()
-        else:
-            d = -local_ncc(a, b, self.window) + getattr(self.config, "mse_weight", 10.0) * (a - b).pow(2).mean()
-        return d + self.config.smoothness * smooth / len(self.axis_ratio)
+        return -local_ncc(a, b, self.window) + self.config.smoothness * smooth / len(self.axis_ratio)
 
 
 def _level_size(shape: Sequence[int], spacing: Sequence[float], factor: int) -> list[int]:

@@ -1,5 +1,8 @@
 """Named values of the DDMInterpolation module, in one place."""
 
+# generation modes and defaults are ddm4d's (its config module never imports torch)
+from ddm4d.config import DEFAULT_MODE, DEFAULT_REFINE, MODE_ALIASES, MODES  # noqa: F401
+
 # Generation defaults (the numbers themselves belong to ddm4d; these are the GUI's starting values)
 DEFAULT_NUMBER_OF_FRAMES = 10
 DEFAULT_MODEL = "default"  # ddm4d's bundled model

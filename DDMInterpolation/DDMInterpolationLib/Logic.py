@@ -36,10 +36,11 @@ class GenerationInputs:
     target: sitk.Image
     baseName: str
     gammas: list  # the gammas asked for (linspace(0, 1, frames) unless explicit)
-    model: object = C.DEFAULT_MODEL  # "default", a .safetensors path, or None (untrained; fitSteps > 0)
+    model: object = C.DEFAULT_MODEL  # "default", a .safetensors path, or None (refinement only)
     device: str = "auto"
     fitSteps: int = 0
-    mode: str = "forward"
+    mode: str = C.DEFAULT_MODE
+    refine: bool = C.DEFAULT_REFINE
     center: tuple = None  # LPS mm
     labels: sitk.Image = None
     labelNames: dict = dataclasses.field(default_factory=dict)  # label value -> name
@@ -130,7 +131,7 @@ class DDMInterpolationLogic:
 
     def generate(self, sourceNode=None, targetNode=None, numberOfFrames=None, *, sequenceNode=None,
                  sourceItem=None, targetItem=None, gammas=None, model=C.DEFAULT_MODEL, device="auto", fitSteps=0,
-                 roiNode=None, segmentationNode=None, mode="forward",
+                 roiNode=None, segmentationNode=None, mode=C.DEFAULT_MODE, refine=C.DEFAULT_REFINE,
                  transformVisualization=C.DEFAULT_TRANSFORM_VISUALIZATION, showResult=True,
                  progressCallback=None, cancelCallback=None):
         """Generate intermediate phases in this process and return the sequence browser node.
@@ -143,13 +144,15 @@ class DDMInterpolationLogic:
           counterpart for the PSNR table).
         :param gammas: explicit gammas in [0, 1] instead of ``numberOfFrames``.
         :param model: ``"default"`` (bundled), a ``.safetensors`` path, a ``ddm4d.model.DDM``, or None / ``"none"``
-          (untrained; needs ``fitSteps``).
+          (no network: per-case refinement alone).
         :param device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
-        :param fitSteps: per-case optimisation steps before generating (0: none).
+        :param fitSteps: optimisation steps of the whole network on this pair before generating (0: none; slow).
         :param roiNode: optional vtkMRMLMarkupsROINode whose centre centres the model's field of view.
         :param segmentationNode: optional labelmap volume or segmentation node of the source, propagated
           to every frame (with a volume-over-time table and chart).
-        :param mode: ``"forward"`` or ``"bidirectional"`` (see ddm4d.generate).
+        :param mode: ``"symmetric"`` (source and target warped along one path and cross-faded; the default) or
+          ``"forward"`` (the source warped, as in the paper); see ddm4d.generate.
+        :param refine: per-case refinement of the path on this pair, started from the model (the default).
         :param transformVisualization: ``"glyph"``, ``"grid"`` or ``"contour"`` in slice views.
         :param showResult: show the frames (and labels) in the slice views.
         :param progressCallback: ``progressCallback(fraction, message)``.
@@ -161,7 +164,7 @@ class DDMInterpolationLogic:
         inputs = self.prepareInputs(
             sourceNode, targetNode, numberOfFrames, sequenceNode=sequenceNode, sourceItem=sourceItem,
             targetItem=targetItem, gammas=gammas, model=model, device=device, fitSteps=fitSteps, roiNode=roiNode,
-            segmentationNode=segmentationNode, mode=mode)
+            segmentationNode=segmentationNode, mode=mode, refine=refine)
         from ddm4d.generate import generate as ddmGenerate  # imports torch: only now, never at module import
 
         def generationProgress(fraction, message):
@@ -170,13 +173,14 @@ class DDMInterpolationLogic:
 
         result = ddmGenerate(
             inputs.source, inputs.target, model=inputs.model, gammas=inputs.gammas, fit_steps=inputs.fitSteps,
-            seg=inputs.labels, device=inputs.device, mode=inputs.mode, center=inputs.center,
+            seg=inputs.labels, device=inputs.device, mode=inputs.mode, refine=inputs.refine, center=inputs.center,
             progress=generationProgress, cancel=cancelCallback)
         report = {
             "gammas": [float(g) for g in result.gammas],
             "folding_fraction": [float(f) for f in result.folding_fraction],
             "timings_s": dict(result.timings_s), "model": result.model, "device": result.device,
             "mode": result.mode, "fit_steps": inputs.fitSteps, "messages": list(result.messages),
+            "refinement": result.refinement,
         }
         if progressCallback is not None:
             progressCallback(0.95, "creating sequences")
@@ -211,7 +215,8 @@ class DDMInterpolationLogic:
         args = [pythonExecutable or sys.executable, "-m", "ddm4d", "generate",
                 "--source", sourcePath, "--target", targetPath, "--out", outputDirectory,
                 "--gammas", ",".join(f"{g:.9g}" for g in inputs.gammas),
-                "--fit-steps", str(inputs.fitSteps), "--device", inputs.device, "--mode", inputs.mode]
+                "--fit-steps", str(inputs.fitSteps), "--device", inputs.device, "--mode", inputs.mode,
+                "--refine" if inputs.refine else "--no-refine"]
         args += ["--model", "none" if inputs.model is None else str(inputs.model)]
         if inputs.labels is not None:
             labelsPath = os.path.join(inputsDirectory, "labels.nrrd")
@@ -263,7 +268,7 @@ class DDMInterpolationLogic:
 
     def prepareInputs(self, sourceNode=None, targetNode=None, numberOfFrames=None, *, sequenceNode=None,
                       sourceItem=None, targetItem=None, gammas=None, model=C.DEFAULT_MODEL, device="auto",
-                      fitSteps=0, roiNode=None, segmentationNode=None, mode="forward"):
+                      fitSteps=0, roiNode=None, segmentationNode=None, mode=C.DEFAULT_MODE, refine=C.DEFAULT_REFINE):
         """Validate the inputs of :meth:`generate` and convert them to SimpleITK images.
 
         :raises ValueError: with a message that says what to change. Leaves the scene unchanged.
@@ -286,8 +291,8 @@ class DDMInterpolationLogic:
 
         fields = dict(
             source=source, target=target, baseName=inputs["baseName"],
-            gammas=self._gammas(numberOfFrames, gammas), model=self._checkModel(model, fitSteps),
-            device=self._checkDevice(device), fitSteps=int(fitSteps), mode=self._checkMode(mode),
+            gammas=self._gammas(numberOfFrames, gammas), model=self._checkModel(model, fitSteps, refine),
+            device=self._checkDevice(device), fitSteps=int(fitSteps), mode=self._checkMode(mode), refine=bool(refine),
             center=self._roiCenter(roiNode),
             indexName=inputs.get("indexName", C.GAMMA_INDEX_NAME), indexUnit=inputs.get("indexUnit", ""),
             cineSequenceNode=sequenceNode, sourceItem=inputs.get("sourceItem"), targetItem=inputs.get("targetItem"),
@@ -451,12 +456,12 @@ class DDMInterpolationLogic:
         return [float(g) for g in np.linspace(0.0, 1.0, int(numberOfFrames))]
 
     @staticmethod
-    def _checkModel(model, fitSteps):
+    def _checkModel(model, fitSteps, refine=C.DEFAULT_REFINE):
         if int(fitSteps) != fitSteps or fitSteps < 0:
             raise ValueError(f"fitting steps must be a whole number >= 0, got {fitSteps}")
         if model is None or (isinstance(model, str) and model.lower() == "none"):
-            if fitSteps <= 0:
-                raise ValueError("without a model (untrained network) set fitting steps above 0")
+            if fitSteps <= 0 and not refine:
+                raise ValueError("without a model, turn per-case refinement on (or set fitting steps above 0)")
             return None
         if isinstance(model, str) and model == C.DEFAULT_MODEL:
             return model
@@ -476,8 +481,9 @@ class DDMInterpolationLogic:
 
     @staticmethod
     def _checkMode(mode):
-        if mode not in ("forward", "bidirectional"):
-            raise ValueError(f"mode must be 'forward' or 'bidirectional', got {mode!r}")
+        mode = C.MODE_ALIASES.get(mode, mode)
+        if mode not in C.MODES:
+            raise ValueError(f"mode must be one of {', '.join(repr(m) for m in C.MODES)}, got {mode!r}")
         return mode
 
     @staticmethod
