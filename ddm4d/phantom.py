@@ -984,7 +984,8 @@ def _check_patient_folder(folder: Path) -> None:
 
 def _prepare_output(out_dir) -> Path:
     """Create the output folder or say clearly why it cannot be used."""
-    out = files.check_writable(out_dir, "output folder")
+    files.check_writable(out_dir, "output folder")
+    out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
