@@ -155,7 +155,8 @@ def test_rerun_replaces_an_earlier_result_atomically_and_cleans_what_a_killed_ru
     pid = dead_pid()
     killed = tmp_path / f".again.ddm4d-{pid}-abcd1234.tmp"
     killed.mkdir()
-    (killed / ".ddm4d-temporary").write_text(f"ddm4d temporary folder of {out}\npid {pid} host {socket.gethostname()}\n")
+    (killed / ".ddm4d-temporary").write_text(f"ddm4d temporary folder of {out}\n"
+                                             f"pid {pid} host {socket.gethostname()}\n")
     (killed / "frames").mkdir()
     (killed / "frames" / "frame_000.nii.gz").write_bytes(b"half")
     look_alike = tmp_path / f".again.ddm4d-{pid}-efgh5678.tmp"
@@ -167,7 +168,8 @@ def test_rerun_replaces_an_earlier_result_atomically_and_cleans_what_a_killed_ru
     assert cli(args) == 0
     report = json.loads((out / "report.json").read_text())
     assert len(list((out / "frames").iterdir())) == 3 and not (out / "labels").exists()
-    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == sorted(report["files"] + ["report.json"])
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert written == sorted(report["files"] + ["report.json"])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["again", look_alike.name])
     assert (look_alike / "notes.txt").read_text() == "mine"
 
@@ -290,7 +292,8 @@ def test_two_d_input_gives_two_d_outputs_in_its_exact_geometry(tmp_path):
                                   sitk.GetArrayFromImage(source))
     cine = read_cine(report["frames_4d"])
     assert len(cine) == 3 and cine[0].GetSize() == source.GetSize() + (1,)
-    assert np.allclose(cine[0].GetOrigin()[:2], source.GetOrigin()) and np.allclose(cine[0].GetSpacing()[:2], source.GetSpacing())
+    assert np.allclose(cine[0].GetOrigin()[:2], source.GetOrigin())
+    assert np.allclose(cine[0].GetSpacing()[:2], source.GetSpacing())
     labels = sitk.ReadImage(report["labels"][1])
     assert labels.GetPixelID() == sitk.sitkUInt8 and set(np.unique(sitk.GetArrayFromImage(labels))) <= {0, 3}
     # the Python API gives the same 2D images

@@ -39,7 +39,8 @@ def main(steps: int = 100, seed: int = 0) -> None:
         n = [nmse(scale(frames[k]), scale(real[k])) for k in range(1, 6)]
         rows[name] = {"psnr_db": p, "nmse": n, "psnr_mean": float(np.mean(p)), "nmse_mean": float(np.mean(n))}
     out = Path(__file__).resolve().parent / "results"
-    files.write_text(out / "real_cine_modes.json", json.dumps({"fit_steps": steps, "seed": seed, "methods": rows}, indent=2))
+    files.write_text(out / "real_cine_modes.json",
+                     json.dumps({"fit_steps": steps, "seed": seed, "methods": rows}, indent=2))
     lines = [f"# Real 2D cine, frames 0 -> 6, in-between frames 1..5 ({steps} fit steps, seed {seed})", "",
              "| method | PSNR (dB), mean over frames 1..5 | NMSE, mean |", "|---|---|---|"]
     lines += [f"| {k} | {v['psnr_mean']:.2f} | {v['nmse_mean']:.4f} |" for k, v in rows.items()]

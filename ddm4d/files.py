@@ -374,7 +374,8 @@ def replace_folder(path: str | os.PathLike, fill: Callable[[Path, Path], T], opt
     try:
         real.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise InputError(f"{option} {path} cannot be created ({err.strerror}); choose a folder you can write to") from None
+        raise InputError(f"{option} {path} cannot be created ({err.strerror}); choose a folder you can write "
+                         "to") from None
     remove_leftovers(real)
     tmp = temporary_folder(real)
     try:

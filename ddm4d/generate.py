@@ -24,9 +24,9 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from . import files
 from .config import DDMConfig, RefineConfig
 from .device import autocast, resolve_device
-from . import files
 from .errors import Cancelled, InputError
 from .geometry import (ModelMapping, _check_overlap, folding_fraction, jacobian_determinant, resample_to_reference,
                        same_geometry, to_model_grid, warp_image)
@@ -361,8 +361,9 @@ def _gammas(frames: int | None, gammas: Sequence[float] | None) -> list[float]:
     if frames is None or int(frames) < 2:
         raise InputError(f"--frames must be at least 2 (source and target), got {frames}")
     if int(frames) > MAX_FRAMES:
-        raise InputError(f"--frames {frames} is more than {MAX_FRAMES}, the most one run makes ({frames_memory_text()}); "
-                         "ask for fewer frames, or split the range with --gammas over several runs")
+        raise InputError(f"--frames {frames} is more than {MAX_FRAMES}, the most one run makes "
+                         f"({frames_memory_text()}); ask for fewer frames, or split the range with --gammas over "
+                         "several runs")
     return [float(g) for g in np.linspace(0.0, 1.0, int(frames))]
 
 
@@ -407,8 +408,9 @@ def _as_image(value, what: str) -> sitk.Image:
         arr = sitk.GetArrayViewFromImage(img)
         finite = np.count_nonzero(np.isfinite(arr))
         if finite < arr.size:
-            what_bad = f"every voxel ({arr.size}) is" if finite == 0 else f"{arr.size - finite} of its {arr.size} voxels are"
-            raise InputError(f"the {what} image: {what_bad} NaN or infinite; fix or mask them (e.g. replace NaN by 0) first")
+            bad = f"every voxel ({arr.size}) is" if finite == 0 else f"{arr.size - finite} of its {arr.size} voxels are"
+            raise InputError(f"the {what} image: {bad} NaN or infinite; fix or mask them (e.g. replace NaN by 0) "
+                             "first")
         if float(arr.max()) == float(arr.min()):
             raise InputError(f"the {what} image is constant (empty); give an image with content")
     else:
