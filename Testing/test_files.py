@@ -31,7 +31,7 @@ def write_result(folder: Path, names=("frames/frame_000.nii.gz", "fields/field_0
     for name in names:
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(f"old {name}")
-    (folder / files.MANIFEST).write_text(json.dumps({"gammas": [0, 1], files.MANIFEST_FILES: list(names)}))
+    (folder / files.MANIFEST).write_text(json.dumps({"gammas": [0, 1], **files.manifest(folder)}))
 
 
 def fill_with(names):
@@ -39,7 +39,7 @@ def fill_with(names):
     def fill(tmp: Path, final: Path) -> str:
         for name in names:
             files.write_text(tmp / name, f"new {name}")
-        files.write_text(tmp / files.MANIFEST, json.dumps({files.MANIFEST_FILES: list(names)}))
+        files.write_text(tmp / files.MANIFEST, json.dumps(files.manifest(tmp)))
         return "filled"
     return fill
 
@@ -122,7 +122,8 @@ def test_a_manifest_never_makes_files_outside_its_folder_ours(tmp_path):
     victim.write_text("precious")
     out = tmp_path / "out"
     out.mkdir()
-    (out / files.MANIFEST).write_text(json.dumps({files.MANIFEST_FILES: ["../victim.txt", str(victim)]}))
+    (out / files.MANIFEST).write_text(json.dumps({"format": files.RESULT_FORMAT,
+                                                  files.MANIFEST_FILES: ["../victim.txt", str(victim)]}))
     assert files.replace_folder(out, fill_with(["a.txt"])) == "filled"
     assert victim.read_text() == "precious" and tree(out)["a.txt"] == "new a.txt"
 
@@ -133,7 +134,8 @@ def test_a_linked_folder_inside_a_result_is_not_walked_into(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "frames").symlink_to(elsewhere / "frames")
-    (out / files.MANIFEST).write_text(json.dumps({files.MANIFEST_FILES: ["frames/frame_000.nii.gz"]}))
+    (out / files.MANIFEST).write_text(json.dumps({"format": files.RESULT_FORMAT,
+                                                  files.MANIFEST_FILES: ["frames/frame_000.nii.gz"]}))
     with pytest.raises(InputError, match="frames/"):
         files.check_replaceable(out)
     assert (elsewhere / "frames" / "frame_000.nii.gz").read_text() == "old frames/frame_000.nii.gz"
@@ -152,10 +154,22 @@ def test_a_result_written_by_an_older_ddm4d_is_recognised_by_its_absolute_paths(
     out = tmp_path / "out"
     (out / "frames").mkdir(parents=True)
     (out / "frames" / "frame_000.nii.gz").write_text("old")
-    (out / files.MANIFEST).write_text(json.dumps({"frames": [str((out / "frames" / "frame_000.nii.gz").resolve())],
+    frame = str((out / "frames" / "frame_000.nii.gz").resolve())
+    (out / files.MANIFEST).write_text(json.dumps({"gammas": [0], "frames": [frame], "fields": [],
                                                   "model": "/elsewhere/model.safetensors"}))
     files.replace_folder(out, fill_with(["x.txt"]))
     assert set(tree(out)) == {"x.txt", files.MANIFEST}
+
+
+@pytest.mark.parametrize("report", [{"files": ["a.txt"]}, {"format": "other", "files": ["a.txt"]}, ["a.txt"]])
+def test_someone_elses_report_json_is_not_taken_for_a_result(tmp_path, report):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.txt").write_text("theirs")
+    (out / files.MANIFEST).write_text(json.dumps(report))
+    with pytest.raises(InputError, match="did not write"):
+        files.check_replaceable(out)
+    assert (out / "a.txt").read_text() == "theirs"
 
 
 def test_a_file_added_while_the_result_was_computed_is_kept_and_the_folder_put_back(tmp_path):

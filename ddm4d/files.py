@@ -30,8 +30,8 @@ from .errors import InputError
 __all__ = [
     "MANIFEST", "MARKER", "atomic_write", "write_text", "write_bytes", "is_temporary_file",
     "remove_temporary_files", "check_writable", "check_replaceable", "replace_folder", "written_files",
-    "temporary_folder", "discard_temporary_folder", "remove_leftovers", "publish_into", "check_own_results",
-    "process_alive", "umask", "make_public",
+    "manifest", "temporary_folder", "discard_temporary_folder", "remove_leftovers", "publish_into",
+    "check_own_results", "process_alive", "umask", "make_public",
 ]
 
 #: what names every temporary file and folder ddm4d makes: ``.NAME.ddm4d-XXXXXXXX.tmp[.ext]`` (files),
@@ -41,9 +41,13 @@ TEMPORARY_SUFFIX = ".tmp"
 #: a file inside every temporary folder, written only by ddm4d; its first line starts with MARKER_TEXT
 MARKER = ".ddm4d-temporary"
 MARKER_TEXT = "ddm4d temporary folder"
-#: the manifest of a result folder: a JSON object whose "files" lists every other file (relative paths)
+#: the manifest of a result folder: a JSON object with "format": RESULT_FORMAT and "files", every
+#: other file (relative paths); see manifest()
 MANIFEST = "report.json"
 MANIFEST_FILES = "files"
+RESULT_FORMAT = "ddm4d-result"
+#: what a manifest written before RESULT_FORMAT (by an older ddm4d generate) always holds
+_LEGACY_KEYS = {"gammas", "frames", "fields"}
 #: the random part of tempfile's names (tempfile._RandomNameSequence: 8 of [a-z0-9_])
 _RANDOM = "[a-z0-9_]{8}"
 _TEMPORARY_FILE = re.compile(rf"\..+\.{TEMPORARY_TAG}{_RANDOM}{re.escape(TEMPORARY_SUFFIX)}(\.[A-Za-z0-9.]+)?")
@@ -205,8 +209,10 @@ def written_files(folder: str | os.PathLike, home: str | os.PathLike | None = No
     if not isinstance(report, dict):
         return None
     listed = report.get(MANIFEST_FILES)
-    if isinstance(listed, list):
+    if report.get("format") == RESULT_FORMAT and isinstance(listed, list):
         entries = [str(v) for v in listed if isinstance(v, str)]
+    elif "format" in report or not _LEGACY_KEYS <= report.keys():
+        return None  # someone else's report.json
     else:
         here = Path(home or folder).resolve()
         entries = []
@@ -218,6 +224,15 @@ def written_files(folder: str | os.PathLike, home: str | os.PathLike | None = No
                     pass
     ours = {str(p) for p in map(_inside, entries) if p is not None}
     return ours | {MANIFEST}
+
+
+def manifest(folder: str | os.PathLike) -> dict[str, object]:
+    """What a manifest must hold for :func:`written_files` to recognise the folder's files as ours:
+    merge it into the report, written last into the folder."""
+    folder = Path(folder)
+    listed = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                    if p.is_file() and p.name not in (MARKER, MANIFEST))
+    return {"format": RESULT_FORMAT, MANIFEST_FILES: listed}
 
 
 def _strings(value) -> Iterable[str]:

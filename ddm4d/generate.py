@@ -598,8 +598,7 @@ def _write_outputs(result: GenerationResult, out_dir: Path, quicklook: bool) -> 
     def fill(tmp: Path, final: Path) -> dict[str, Any]:
         report = _write_into(result, tmp, final, quicklook)
         report["timings_s"]["write"] = time.perf_counter() - t0
-        report[files.MANIFEST_FILES] = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*")
-                                              if p.is_file() and p.name != files.MARKER)
+        report.update(files.manifest(tmp))  # every file it wrote: a later run may replace them, nothing else
         files.write_text(tmp / files.MANIFEST, json.dumps(report, indent=2))  # last: it lists the others
         return report
 
