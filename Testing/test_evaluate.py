@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -299,6 +301,27 @@ def test_bad_inputs_exit_2_with_one_line(workdir, tmp_path, capsys):
         errors = [line for line in err if line.startswith("ddm4d evaluate: error:")]
         assert len(errors) == 1 and "Traceback" not in "\n".join(err), (name, err)
         assert not out.exists(), name  # nothing half-written
+
+
+def test_unwritable_out_exits_2_and_what_a_killed_run_left_is_cleaned(workdir, tmp_path, capsys):
+    data = str(workdir / "data")
+    if Path("/proc/self").is_dir():  # a system folder: no one can write there, root included
+        assert cli.main(["evaluate", data, "--methods", "initial", "--out", "/proc/ddm4d-report"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "cannot be written" in err[0], err
+    out = tmp_path / "report"
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()  # a finished process: its staging folder is a leftover
+    killed = tmp_path / f".report.ddm4d-{process.pid}-abcd1234.tmp"
+    killed.mkdir()
+    (killed / ".ddm4d-temporary").write_text(f"ddm4d temporary folder of {out}\npid {process.pid} "
+                                             f"host {socket.gethostname()}\n")
+    look_alike = tmp_path / f".report.ddm4d-{process.pid}-efgh5678.tmp"
+    look_alike.mkdir()
+    (look_alike / "mine.txt").write_text("kept")
+    assert cli.main(["evaluate", data, "--methods", "initial", "--subjects", "1", "--out", str(out)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["report", look_alike.name])
+    assert ".ddm4d-temporary" not in os.listdir(out)
 
 
 def test_bad_input_through_the_console_entry_point(tmp_path):

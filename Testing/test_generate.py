@@ -1,5 +1,9 @@
 """`ddm4d generate`: geometry, outputs every tool can read, labels, per-case fitting, bad input."""
 import json
+import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +14,7 @@ import torch
 from ddm4d.checkpoint import save_model
 from ddm4d.cli import main as cli
 from ddm4d.config import DDMConfig
+from ddm4d.errors import InputError
 from ddm4d.generate import generate
 from ddm4d.metrics import dice
 from ddm4d.model import DDM
@@ -138,16 +143,176 @@ def test_labels_are_propagated_with_volumes_and_ejection_fraction(generated):
         assert (generated / name).stat().st_size > 100
 
 
-def test_rerun_replaces_the_output_folder_atomically(pair, generated, tmp_path):
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_rerun_replaces_an_earlier_result_atomically_and_cleans_what_a_killed_run_left(pair, generated, tmp_path):
+    """An earlier result (report.json and the files it lists) is replaced as a whole; the temporary
+    folder of a killed run into the same --out goes with it, a look-alike without our marker stays."""
     out = tmp_path / "again"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
+    shutil.copytree(generated, out)
+    pid = dead_pid()
+    killed = tmp_path / f".again.ddm4d-{pid}-abcd1234.tmp"
+    killed.mkdir()
+    (killed / ".ddm4d-temporary").write_text(f"ddm4d temporary folder of {out}\n"
+                                             f"pid {pid} host {socket.gethostname()}\n")
+    (killed / "frames").mkdir()
+    (killed / "frames" / "frame_000.nii.gz").write_bytes(b"half")
+    look_alike = tmp_path / f".again.ddm4d-{pid}-efgh5678.tmp"
+    look_alike.mkdir()
+    (look_alike / "notes.txt").write_text("mine")
     args = ["generate", "--source", str(pair / "source.nii.gz"), "--target", str(pair / "target.nrrd"),
             "--model", str(pair / "model.safetensors"), "--gammas", "0,0.5,1", "--out", str(out), "--quiet",
             "--no-quicklook"]
     assert cli(args) == 0
-    assert not (out / "stale.txt").exists() and len(list((out / "frames").iterdir())) == 3
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    report = json.loads((out / "report.json").read_text())
+    assert len(list((out / "frames").iterdir())) == 3 and not (out / "labels").exists()
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert written == sorted(report["files"] + ["report.json"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["again", look_alike.name])
+    assert (look_alike / "notes.txt").read_text() == "mine"
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", ["unrelated", "inputs", "symlink", "result_plus_notes"])
+def test_out_holding_files_generate_did_not_write_is_refused_before_any_work(pair, generated, tmp_path, capsys,
+                                                                          case):
+    """Exit 2, one line, and every file where it was: unrelated files, the inputs themselves (--out
+    is their folder), a symbolic link to such a folder, an earlier result with a note added."""
+    folder = tmp_path / "folder"
+    src, tgt = pair / "source.nii.gz", pair / "target.nrrd"
+    if case == "result_plus_notes":
+        shutil.copytree(generated, folder)
+        (folder / "notes.txt").write_text("mine")
+    else:
+        folder.mkdir()
+        (folder / "important.txt").write_text("keep me")
+        (folder / "sub").mkdir()
+        (folder / "sub" / "notes.txt").write_text("keep me too")
+    out = folder
+    if case == "inputs":
+        src, tgt = Path(shutil.copy(src, folder)), Path(shutil.copy(tgt, folder))
+    elif case == "symlink":
+        out = tmp_path / "link"
+        out.symlink_to(folder, target_is_directory=True)
+    before = tree(folder)
+    capsys.readouterr()
+    code = cli(["generate", "--source", str(src), "--target", str(tgt), "--model", str(pair / "model.safetensors"),
+                "--out", str(out), "--quiet", "--no-quicklook"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and "did not write" in err[0] and "choose an empty or new folder" in err[0], err
+    assert tree(folder) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["folder"] + (["link"] if case == "symlink" else []))
+
+
+def test_python_api_write_refuses_a_folder_with_other_files(pair, tmp_path):
+    result = generate(str(pair / "source.nii.gz"), str(pair / "target.nrrd"), model=str(pair / "model.safetensors"),
+                      frames=2, refine=False, mode="forward", device="cpu")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "important.txt").write_text("keep me")
+    with pytest.raises(InputError, match="important.txt"):
+        result.write(out)
+    assert tree(out) == {"important.txt": b"keep me"}
+    result.write(tmp_path / "new")  # and a new folder is fine
+    assert (tmp_path / "new" / "report.json").is_file()
+
+
+def test_read_only_out_exits_2_with_one_line(pair, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        try:
+            (locked / "probe").write_text("x")
+            pytest.skip("running as root: chmod 555 does not stop this process from writing")
+        except PermissionError:
+            pass
+        for out in (locked, locked / "out"):
+            capsys.readouterr()
+            code = cli(["generate", "--source", str(pair / "source.nii.gz"), "--target", str(pair / "target.nrrd"),
+                        "--model", str(pair / "model.safetensors"), "--out", str(out), "--quiet"])
+            err = capsys.readouterr().err.strip().splitlines()
+            assert code == 2 and len(err) == 1 and "cannot be written" in err[0], err
+    finally:
+        locked.chmod(0o755)
+
+
+def test_two_d_input_gives_two_d_outputs_in_its_exact_geometry(tmp_path):
+    """A true 2D NIfTI (no third axis) in: frames, fields (2 components, a 2D DisplacementFieldTransform),
+    Jacobians and labels out in its 2D geometry; the 4D NIfTI and the Slicer sequence keep time where
+    their readers expect it (single-slice items)."""
+    from ddm4d.io import read_cine
+
+    angle = np.deg2rad(20)
+    direction = (np.cos(angle), -np.sin(angle), np.sin(angle), np.cos(angle))
+    yy, xx = np.mgrid[:40, :44]
+
+    def image(cy, cx, r, labels=False):
+        inside = ((yy - cy) ** 2 + (xx - cx) ** 2) < r ** 2
+        img = sitk.GetImageFromArray(inside.astype(np.uint8) * 3 if labels else (100 + 400 * inside).astype(np.float32))
+        img.SetSpacing((1.25, 1.5))
+        img.SetOrigin((-20.0, 12.5))
+        img.SetDirection(direction)
+        return img
+
+    for name, img in (("src.nii.gz", image(20, 21, 9)), ("tgt.nii.gz", image(20, 23, 7)),
+                      ("seg.nii.gz", image(20, 21, 9, labels=True))):
+        sitk.WriteImage(img, str(tmp_path / name))
+    source = sitk.ReadImage(str(tmp_path / "src.nii.gz"))
+    assert source.GetDimension() == 2
+    torch.manual_seed(0)
+    model = DDM(DDMConfig.for_dims(2, image_size=(32, 32), spacing=(2.0, 2.0)))
+    with torch.no_grad():  # fields of a few voxels, as in the 3D pair
+        model.deformation.flow.weight.mul_(2e4)
+    save_model(model, tmp_path / "m2d.safetensors")
+    out = tmp_path / "out"
+    assert cli(["generate", "--source", str(tmp_path / "src.nii.gz"), "--target", str(tmp_path / "tgt.nii.gz"),
+                "--seg", str(tmp_path / "seg.nii.gz"), "--model", str(tmp_path / "m2d.safetensors"), "--frames", "3",
+                "--no-refine", "--mode", "forward", "--device", "cpu", "--out", str(out), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    for key in ("frames", "fields", "jacobians", "labels"):
+        for path in report[key]:
+            img = sitk.ReadImage(path)
+            assert img.GetDimension() == 2 and same_geometry(img, source), (key, path)
+    fields = [sitk.ReadImage(p) for p in report["fields"]]
+    assert all(f.GetNumberOfComponentsPerPixel() == 2 for f in fields)
+    transform = sitk.DisplacementFieldTransform(sitk.Cast(fields[-1], sitk.sitkVectorFloat64))
+    assert transform.GetDimension() == 2
+    resampled = sitk.Resample(source, source, transform, sitk.sitkLinear, 100.0)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(resampled),
+                               sitk.GetArrayFromImage(sitk.ReadImage(report["frames"][-1])), atol=1e-3)
+    assert np.abs(sitk.GetArrayFromImage(fields[-1])).max() > 0.1  # a real field (mm), not the identity
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(report["frames"][0])),
+                                  sitk.GetArrayFromImage(source))
+    cine = read_cine(report["frames_4d"])
+    assert len(cine) == 3 and cine[0].GetSize() == source.GetSize() + (1,)
+    assert np.allclose(cine[0].GetOrigin()[:2], source.GetOrigin())
+    assert np.allclose(cine[0].GetSpacing()[:2], source.GetSpacing())
+    labels = sitk.ReadImage(report["labels"][1])
+    assert labels.GetPixelID() == sitk.sitkUInt8 and set(np.unique(sitk.GetArrayFromImage(labels))) <= {0, 3}
+    # the Python API gives the same 2D images
+    result = generate(source, sitk.ReadImage(str(tmp_path / "tgt.nii.gz")), model=tmp_path / "m2d.safetensors",
+                      frames=3, refine=False, mode="forward", seg=sitk.ReadImage(str(tmp_path / "seg.nii.gz")),
+                      device="cpu")
+    assert all(img.GetDimension() == 2 and same_geometry(img, source)
+               for img in result.frames + result.fields + result.labels)
+    slicer = pytest.importorskip("slicer", reason="slicer-core (the test extra) reads .seq.nrrd")
+    scene = slicer.vtkMRMLScene()
+    seq = scene.AddNewNodeByClass("vtkMRMLSequenceNode")
+    storage = slicer.vtkMRMLVolumeSequenceStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(report["sequence"])
+    assert storage.ReadData(seq) and seq.GetNumberOfDataNodes() == 3
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(seq.GetNthDataNode(2))[0],
+                               sitk.GetArrayFromImage(sitk.ReadImage(report["frames"][2])))
 
 
 def test_outputs_written_by_several_threads_are_complete_with_the_usual_permissions(pair, tmp_path):
@@ -268,11 +433,17 @@ def test_label_propagation_on_a_phantom_follows_the_true_labels():
     ("garbage", "corrupt|read|not a"),
     ("four_d", "4D"),
     ("nan", "NaN"),
+    ("nan_nifti_all", r"every voxel \(\d+\) is NaN or infinite"),
+    ("nan_nifti_some", r"2 of its \d+ voxels are NaN or infinite"),
     ("constant", "constant"),
     ("apart", "overlap"),
+    ("seg_apart", r"label map \(--seg\) does not overlap"),
     ("frames1", "at least 2"),
+    ("frames_limit", "more than 1000"),
     ("gammas", r"\[0, 1\]"),
+    ("gammas_empty", "no gammas"),
     ("unwritable", "writable|file"),
+    ("system_folder", "cannot be written"),
     ("foreign_model", "not a ddm4d model"),
     ("model_2d_for_3d", "single-slice"),
     ("none_without_fit", "fit-steps"),
@@ -300,18 +471,43 @@ def test_bad_input_exits_2_with_one_clear_line(pair, tmp_path, capsys, case, mes
         bad.CopyInformation(img)
         src = tmp_path / f"{case}.mha"  # MetaImage keeps NaN as written
         sitk.WriteImage(bad, str(src))
+    elif case in ("nan_nifti_all", "nan_nifti_some"):  # ITK's NIfTI reader would turn NaN into 0
+        img = sitk.ReadImage(str(pair / "source.nii.gz"))
+        arr = sitk.GetArrayFromImage(img)
+        if case == "nan_nifti_all":
+            arr[...] = np.nan
+        else:
+            arr[2, 3, 4], arr[1, 1, 1] = np.nan, np.inf
+        bad = sitk.GetImageFromArray(arr)
+        bad.CopyInformation(img)
+        src = tmp_path / f"{case}.nii.gz"
+        sitk.WriteImage(bad, str(src))
     elif case == "apart":
         img = sitk.ReadImage(str(pair / "target.nrrd"))
         img.SetOrigin((500.0, 500.0, 500.0))
         tgt = tmp_path / "far.nrrd"
         sitk.WriteImage(img, str(tgt))
+    elif case == "seg_apart":
+        labels = sitk.ReadImage(str(pair / "labels.nii.gz"))
+        labels.SetOrigin((4000.0, -3000.0, 2500.0))
+        far = tmp_path / "far_labels.nii.gz"
+        sitk.WriteImage(labels, str(far))
+        extra = ["--seg", str(far)]
     elif case == "frames1":
         extra = ["--frames", "1"]
+    elif case == "frames_limit":
+        extra = ["--frames", "100000"]
     elif case == "gammas":
         extra = ["--gammas", "0,0.5,1.5"]
+    elif case == "gammas_empty":
+        extra = ["--gammas", ""]
     elif case == "unwritable":
         out = tmp_path / "a_file"
         out.write_text("x")
+    elif case == "system_folder":
+        if not Path("/proc/self").is_dir():
+            pytest.skip("needs Linux /proc, a folder no one can write")
+        out = Path("/proc/ddm4d-out")
     elif case == "foreign_model":
         from safetensors.torch import save_file
 
@@ -322,6 +518,7 @@ def test_bad_input_exits_2_with_one_clear_line(pair, tmp_path, capsys, case, mes
         save_model(DDM(DDMConfig.for_dims(2, image_size=(32, 32))), model)
     elif case == "none_without_fit":
         model = "none"
+        extra = ["--no-refine"]  # refinement alone needs no network
     code = cli(["generate", "--source", str(src), "--target", str(tgt), "--model", str(model), "--out", str(out),
                 "--quiet", "--no-quicklook", *extra])
     err = capsys.readouterr().err.strip().splitlines()

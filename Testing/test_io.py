@@ -183,6 +183,15 @@ def _bad(tmp_path: Path, kind: str) -> Path:
         p = tmp_path / f"with_{kind}.nrrd"
         sitk.WriteImage(volume(a), str(p))
         return p
+    if kind in ("nan-nii", "all-nan-nii"):  # ITK's NIfTI reader turns NaN into 0: counted from the raw data
+        a = np.ones((5, 12, 10), np.float32)
+        if kind == "nan-nii":
+            a[2, 3, 4], a[1, 1, 1] = np.nan, -np.inf
+        else:
+            a[...] = np.nan
+        p = tmp_path / f"{kind}.nii.gz"
+        sitk.WriteImage(volume(a), str(p))
+        return p
     if kind == "constant":
         p = tmp_path / "blank.mha"
         sitk.WriteImage(volume(np.zeros((5, 12, 10), np.float32)), str(p))
@@ -208,6 +217,8 @@ def _bad(tmp_path: Path, kind: str) -> Path:
     ("4d", ["4D (2 frames)", "read_cine"]),
     ("nan", ["NaN"]),
     ("inf", ["infinite"]),
+    ("nan-nii", ["2 of its 600 voxels are NaN or infinite"]),
+    ("all-nan-nii", ["every voxel (600) is NaN or infinite"]),
     ("constant", ["constant"]),
     ("vector", ["3 components"]),
     ("empty-folder", ["DICOM"]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,6 +169,20 @@ def test_write_dataset_refuses_a_file_as_output_folder(tmp_path):
         phantom.write_dataset(target, n_subjects=1)
     with pytest.raises(InputError, match="cannot create"):
         phantom.write_dataset(target / "below", n_subjects=1)
+
+
+def test_a_patient_folder_phantom_did_not_write_is_refused_before_any_work(tmp_path):
+    """A real patient's files are never overwritten, nor its frame files deleted: refused, all intact,
+    and nothing written for the other subjects either (every folder is checked first)."""
+    real = tmp_path / "patient002"
+    real.mkdir()
+    files = {"Info.cfg": "ED: 1\nES: 12\n", "patient002_frame01.nii.gz": "real", "patient002_frame12.nii.gz": "real"}
+    for name, text in files.items():
+        (real / name).write_text(text)
+    with pytest.raises(InputError, match="patient002 holds files that ddm4d phantom did not write"):
+        phantom.write_dataset(tmp_path, n_subjects=2, seed=0, size=(32, 32, 1))
+    assert {p.name: p.read_text() for p in real.iterdir()} == files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["patient002"]
 
 
 @pytest.mark.parametrize(
@@ -341,16 +356,23 @@ def test_cli_montage_option(tmp_path):
     assert_png(tmp_path / "m.png", min_width=200)
 
 
-@pytest.mark.parametrize("case", ["zero subjects", "file as folder", "bad size"])
+@pytest.mark.parametrize("case", ["zero subjects", "file as folder", "bad size", "system folder", "foreign patient"])
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, case):
     taken = tmp_path / "taken.txt"
     taken.write_text("x")
+    if case == "system folder" and not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux /proc, a folder no one can write")
+    (tmp_path / "data" / "patient001").mkdir(parents=True)
+    (tmp_path / "data" / "patient001" / "notes.txt").write_text("a real patient's")
     args = {
         "zero subjects": (tmp_path / "out", "--subjects", 0),
         "file as folder": (taken, "--subjects", 1),
         "bad size": (tmp_path / "out", "--size", 4, 4, 4),
+        "system folder": ("/proc/ddm4d-phantom", "--subjects", 1),
+        "foreign patient": (tmp_path / "data", "--subjects", 1),
     }[case]
     result = run_cli(*args, cwd=tmp_path)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "error" in result.stderr
     assert "Traceback" not in result.stderr
+    assert (tmp_path / "data" / "patient001" / "notes.txt").read_text() == "a real patient's"

@@ -205,6 +205,59 @@ def test_bad_data_folder_exits_2_with_one_line(tmp_path, capsys, case):
     assert not out.exists()  # nothing left behind by a run that never started
 
 
+@pytest.mark.parametrize("case", ["system folder", "read-only folder"])
+def test_unwritable_out_exits_2_with_one_line(data2d, tmp_path, capsys, case):
+    if case == "system folder":
+        if not Path("/proc/self").is_dir():
+            pytest.skip("needs Linux /proc, a folder no one can write")
+        out = Path("/proc/ddm4d-run")
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o555)
+        try:
+            (locked / "probe").write_text("x")
+            locked.chmod(0o755)
+            pytest.skip("running as root: chmod 555 does not stop this process from writing")
+        except PermissionError:
+            pass
+        out = locked / "run"
+    try:
+        capsys.readouterr()
+        code = cli(["train", str(data2d), "--out", str(out), *GRID_2D, "--iterations", "1"])
+        _, err = capsys.readouterr()
+    finally:
+        if case != "system folder":
+            (tmp_path / "locked").chmod(0o755)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("ddm4d train: error:"), lines
+    assert "cannot be written" in lines[0] and "Traceback" not in err
+
+
+def test_a_run_never_overwrites_or_deletes_files_train_did_not_write(data2d, tmp_path, capsys):
+    """A model, a config.json or a .lock of someone else's is refused (exit 2, one line, intact); a
+    run beside unrelated files, look-alike temporary files included, leaves them as they were."""
+    for name, content in (("model.safetensors", b"someone else's model"), ("config.json", b'{"format": "other"}'),
+                          (".lock", b"held by another tool\n")):
+        run = tmp_path / name.strip(".")
+        run.mkdir()
+        (run / name).write_bytes(content)
+        code, _, err = train(capsys, data2d, "--out", run, *GRID_2D, "--iterations", 1)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and name in lines[0], lines
+        assert sorted(p.name for p in run.iterdir()) == [name] and (run / name).read_bytes() == content
+    run = tmp_path / "shared"
+    run.mkdir()
+    theirs = {"notes.txt": "mine", ".notes.tmp": "mine too", ".config.json.abcdefgh.tmp": "not ours either"}
+    for name, text in theirs.items():
+        (run / name).write_text(text)
+    (run / ".config.json.ddm4d-abcdefgh.tmp").write_text("left by a killed write of ours")
+    code, events, _ = train(capsys, data2d, "--out", run, *GRID_2D, "--iterations", 1)
+    assert code == 0 and events[-1]["event"] == "done"
+    assert all((run / name).read_text() == text for name, text in theirs.items())
+    assert not (run / ".config.json.ddm4d-abcdefgh.tmp").exists()
+
+
 def test_bad_options_exit_2(data2d, tmp_path, capsys):
     for args, message in ((["--iterations", "0"], "--iterations must be at least 1"),
                           (["--ema", "1.5"], "--ema"),

@@ -21,6 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from ddm4d import files
+from ddm4d.errors import InputError
+
 HERE = Path(__file__).resolve().parent
 # multiply-accumulates per pass at 128 x 128 x 32 (anchors.md); scaled by voxel count for other sizes
 GMAC_DEFORM, GMAC_DIFFUSION, GMAC_NCC = 9.6, 20.3, 1.9
@@ -117,6 +120,11 @@ def case(name: str, size: list[int], device: str, frames: int, repeats: int) -> 
 
 def end_to_end(size: list[int], device: str, frames: int, repeats: int) -> dict:
     """`ddm4d generate` from NIfTI files to written outputs, with a (random-weight) model file."""
+    with tempfile.TemporaryDirectory(prefix="ddm4d-bench-") as folder:  # its own files, removed after
+        return _generate_files(Path(folder), size, device, frames, repeats)
+
+
+def _generate_files(tmp: Path, size, device: str, frames: int, repeats: int) -> dict:
     import numpy as np
     import SimpleITK as sitk
     import torch
@@ -126,7 +134,6 @@ def end_to_end(size: list[int], device: str, frames: int, repeats: int) -> dict:
     from ddm4d.generate import generate
     from ddm4d.model import DDM
 
-    tmp = Path(tempfile.mkdtemp())
     torch.manual_seed(0)
     save_model(DDM(DDMConfig(image_size=tuple(size))), tmp / "m.safetensors")
     rng = np.random.default_rng(0)
@@ -206,16 +213,20 @@ def main() -> None:
     if args.child:
         print(json.dumps(case(args.child, args.size, args.device, args.frames, args.repeats)))
         return
+    name = args.name or f"{args.device.split(':')[0]}_{'x'.join(map(str, args.size))}"
+    out = HERE / "results"
+    try:  # results of this script only: never another benchmark's files of the same --name
+        files.check_own_results(out / f"{name}.json", out / f"{name}.md", option="--name",
+                                ours=lambda r: isinstance(r, dict) and {"machine", "results"} <= r.keys())
+    except InputError as err:
+        raise SystemExit(f"bench.py: error: {err}") from None
     results = [run_child(name, args) for name in args.cases.split(",")]
     machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     report = {"machine": machine, "device": args.device, "threads": args.threads, "size": args.size,
               "frames": args.frames, "allocator": args.allocator, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
               "results": results}
-    name = args.name or f"{args.device.split(':')[0]}_{'x'.join(map(str, args.size))}"
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(report, indent=2))
-    (out / f"{name}.md").write_text(markdown(report))
+    files.write_text(out / f"{name}.json", json.dumps(report, indent=2))
+    files.write_text(out / f"{name}.md", markdown(report))
     print(markdown(report))
 
 

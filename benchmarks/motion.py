@@ -36,7 +36,9 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from ddm4d import files
 from ddm4d.classical import demons_frames, linear_blend
+from ddm4d.errors import InputError
 from ddm4d.config import RefineConfig
 from ddm4d.cine import inbetween
 from ddm4d.generate import generate
@@ -191,6 +193,12 @@ def main(argv=None) -> int:
     parser.add_argument("--refine-config", default="{}", metavar="JSON",
                         help='RefineConfig fields to change, e.g. \'{"smoothness": 5}\'')
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    try:  # its own results only: never a file of another program under the --out name
+        files.check_own_results(out.with_suffix(".json"), out.with_suffix(".md"),
+                                ours=lambda r: isinstance(r, dict) and {"methods", "groups"} <= r.keys())
+    except InputError as err:
+        parser.error(str(err))
     global REFINE
     REFINE = dataclasses.replace(RefineConfig(), **{k: tuple(v) if isinstance(v, list) else v
                                                    for k, v in json.loads(args.refine_config).items()})
@@ -230,10 +238,8 @@ def main(argv=None) -> int:
                     summary["identical_pair_motion_mm"] = float(np.mean(motion))
             results["groups"][group][method] = {"summary": summary, "cases": rows}
             print(f"== {group} {method}: " + " ".join(f"{k}={v:.3f}" for k, v in summary.items()), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    out.with_suffix(".md").write_text(markdown(results))
+    files.write_text(out.with_suffix(".json"), json.dumps(results, indent=2))
+    files.write_text(out.with_suffix(".md"), markdown(results))
     print(markdown(results))
     return 0
 

@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from ddm4d import files
+
 ROWS = [  # (label, report folder, method key in that report, run folder)
     ("Initial (the source)", "report_all", "initial", None),
     ("Linear intensity blend", "report_all", "linear", None),
@@ -35,15 +37,14 @@ def main(work: Path) -> None:
             row["training_s"] = training_seconds(work / run)
         rows.append(row)
     out = Path(__file__).resolve().parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "phantom_ablation.json").write_text(json.dumps(rows, indent=2))
+    files.write_text(out / "phantom_ablation.json", json.dumps(rows, indent=2))
     fmt = lambda v, d: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
     lines = ["| method | " + " | ".join(h for _, h, _ in METRICS) + " | iterations | training (s) |",
              "|---" * (len(METRICS) + 3) + "|"]
     for r in rows:
         lines.append(f"| {r['method']} | " + " | ".join(fmt(r[m], d) for m, _, d in METRICS)
                      + f" | {r.get('iterations', '–')} | {fmt(r.get('training_s'), 0)} |")
-    (out / "phantom_ablation.md").write_text("\n".join(lines) + "\n")
+    files.write_text(out / "phantom_ablation.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

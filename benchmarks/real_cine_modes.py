@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from ddm4d import files
 from ddm4d.generate import generate
 from ddm4d.io import read_cine
 from ddm4d.metrics import nmse, psnr
@@ -38,12 +39,12 @@ def main(steps: int = 100, seed: int = 0) -> None:
         n = [nmse(scale(frames[k]), scale(real[k])) for k in range(1, 6)]
         rows[name] = {"psnr_db": p, "nmse": n, "psnr_mean": float(np.mean(p)), "nmse_mean": float(np.mean(n))}
     out = Path(__file__).resolve().parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "real_cine_modes.json").write_text(json.dumps({"fit_steps": steps, "seed": seed, "methods": rows}, indent=2))
+    files.write_text(out / "real_cine_modes.json",
+                     json.dumps({"fit_steps": steps, "seed": seed, "methods": rows}, indent=2))
     lines = [f"# Real 2D cine, frames 0 -> 6, in-between frames 1..5 ({steps} fit steps, seed {seed})", "",
              "| method | PSNR (dB), mean over frames 1..5 | NMSE, mean |", "|---|---|---|"]
     lines += [f"| {k} | {v['psnr_mean']:.2f} | {v['nmse_mean']:.4f} |" for k, v in rows.items()]
-    (out / "real_cine_modes.md").write_text("\n".join(lines) + "\n")
+    files.write_text(out / "real_cine_modes.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

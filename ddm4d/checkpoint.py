@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,29 +16,10 @@ from safetensors.torch import save_file
 
 from .config import DDMConfig
 from .errors import InputError
-from .files import make_public
+from .files import atomic_write  # noqa: F401  (one implementation, in ddm4d.files; re-exported for callers)
 
 MODEL_FORMAT = "ddm4d-model"
 STATE_FORMAT = "ddm4d-training-state"
-
-
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call write(tmp_path) on a temporary file beside `path`, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        make_public(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:

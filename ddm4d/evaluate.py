@@ -38,8 +38,6 @@ import json
 import math
 import os
 import platform
-import secrets
-import shutil
 import sys
 import time
 import warnings
@@ -50,7 +48,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from . import __version__
+from . import __version__, files
 from .config import DDMConfig
 from .errors import InputError
 from .geometry import ModelMapping, make_model_grid, resample_to_reference, same_geometry
@@ -525,7 +523,7 @@ def plot_boxplots(path: Path, subjects, methods) -> None:
     for i, (metric, title) in enumerate(panels, start=1):
         _boxplot(fig.add_subplot(1, len(panels), i), subjects, methods, metric, title)
     fig.tight_layout()
-    fig.savefig(path, dpi=PLOT_DPI)
+    files.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=PLOT_DPI))
 
 
 def plot_dice(path: Path, subjects, methods) -> None:
@@ -534,7 +532,7 @@ def plot_dice(path: Path, subjects, methods) -> None:
     for i, (key, name) in enumerate(STRUCTURE_NAMES.items(), start=1):
         _boxplot(fig.add_subplot(1, len(STRUCTURE_NAMES), i), subjects, methods, f"dice_{key}", f"Dice {name} (ES)")
     fig.tight_layout()
-    fig.savefig(path, dpi=PLOT_DPI)
+    files.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=PLOT_DPI))
 
 
 def _psnr_curve(subjects, method: str, grid: np.ndarray) -> np.ndarray:
@@ -561,7 +559,7 @@ def plot_psnr_vs_frame(path: Path, subjects, methods) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=PLOT_DPI)
+    files.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=PLOT_DPI))
 
 
 # ------------------------------------------------------------------------------------------ output
@@ -582,35 +580,21 @@ def _json_ready(value):
 
 
 def _prepare_output(out: Path) -> Path:
-    """Check REPORT_DIR before hours of work, and make a staging folder beside it."""
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out} exists and is a file; choose a folder for --out")
+    """Check REPORT_DIR before hours of work, and make a staging folder beside it (the files move
+    into REPORT_DIR one by one at the end: its other files stay)."""
+    out = files.check_writable(out, "--out")
+    files.check_writable(out.parent, "--out")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = out.parent / f".{out.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
-        staging.mkdir()
+        files.remove_leftovers(out)
+        return files.temporary_folder(out)
     except OSError as err:
         raise InputError(f"cannot write the report next to {out} ({err.strerror}); choose a writable --out") from None
-    return staging
-
-
-def _publish(staging: Path, out: Path) -> None:
-    """Move the finished report into place: the whole folder when new, else file by file (each atomic)."""
-    if not out.exists():
-        try:
-            os.replace(staging, out)
-            return
-        except OSError:
-            out.mkdir(parents=True, exist_ok=True)
-    for item in staging.iterdir():
-        os.replace(item, out / item.name)
-    staging.rmdir()
 
 
 def write_report(report: dict[str, Any], subjects: list[dict[str, Any]], folder: Path) -> None:
     methods = report["settings"]["methods"]
-    (folder / "report.json").write_text(json.dumps(_json_ready(report), indent=1, allow_nan=False) + "\n")
-    (folder / "table1.md").write_text(table_markdown(report))
+    files.write_text(folder / "report.json", json.dumps(_json_ready(report), indent=1, allow_nan=False) + "\n")
+    files.write_text(folder / "table1.md", table_markdown(report))
     plot_boxplots(folder / "fig4_boxplots.png", subjects, methods)
     plot_dice(folder / "dice_boxplots.png", subjects, methods)
     plot_psnr_vs_frame(folder / "psnr_vs_frame.png", subjects, methods)
@@ -717,9 +701,9 @@ def evaluate(data_dir, out_dir, methods: Sequence[str] | str = DEFAULT_METHODS, 
     try:
         report = _evaluate_into(staging, dataset, data_dir, methods, skipped, models, torch_device, subjects,
                                 region, warmup, log)
-        _publish(staging, Path(out_dir).expanduser())
+        files.publish_into(staging, Path(out_dir).expanduser())
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        files.discard_temporary_folder(staging)
     return report
 
 

@@ -9,11 +9,10 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import io
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -25,13 +24,14 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from . import files
 from .config import (DDMConfig, DEFAULT_MODE, DEFAULT_MODEL_TIMING, DEFAULT_REFINE, MODE_ALIASES, MODES,
                      RefineConfig)
 from .device import autocast, resolve_device
 from .errors import Cancelled, InputError
-from .geometry import (ModelMapping, folding_fraction, jacobian_determinant, resample_to_reference,
+from .geometry import (ModelMapping, _check_overlap, folding_fraction, jacobian_determinant, resample_to_reference,
                        same_geometry, to_model_grid, warp_image)
-from .io import read_cine, read_image, read_labels, write_cine, write_image
+from .io import read_cine, read_image, read_info, read_labels, write_cine, write_image
 from .metrics import ACDC_STRUCTURES, STRUCTURE_NAMES, label_volumes_ml
 from .model import DDM
 from .refine import Refinement, _axis_spacing, path_fields, refine_velocity, refinement_grid
@@ -79,7 +79,10 @@ class GenerationResult:
         return [label_volumes_ml(img, labels=structures) for img in self.labels or []]
 
     def write(self, out_dir: str | os.PathLike, quicklook: bool = True) -> dict[str, Any]:
-        """Write everything into a temporary folder beside `out_dir`, then move it into place."""
+        """Write everything into a temporary folder beside `out_dir`, then move it into place.
+
+        `out_dir` must be new, empty or hold only an earlier result (ddm4d.files: nothing ddm4d did
+        not write is ever deleted); otherwise InputError, before anything is written."""
         return _write_outputs(self, Path(out_dir), quicklook)
 
 
@@ -188,6 +191,7 @@ def generate(source, target=None, model: Any = "default", frames: int = 10, gamm
         folding.append(folding_fraction(fld, mask=fov))
         if labels_img is not None:
             labels_out.append(warp_image(labels_img, fld, "nearest", default_value=0))
+    frames_out, fields_out, labels_out = _in_input_dims(source_img, frames_out, fields_out, labels_out)
     timings["postprocess"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     report(1.0, "done")
@@ -323,17 +327,37 @@ def fit_pair(net, source: np.ndarray, target: np.ndarray, steps: int, device: to
 
 # ------------------------------------------------------------------------------------------ helpers
 
+#: the most frames one run makes: every frame keeps its volume (float32) and displacement field
+#: (3 x float64) in memory until written, FRAME_BYTES_PER_VOXEL bytes per source voxel
+MAX_FRAMES = 1000
+FRAME_BYTES_PER_VOXEL = 4 + 3 * 8
+
+
+def frames_memory_text(frames: int = MAX_FRAMES) -> str:
+    """What `frames` frames hold in memory, for a source of the paper's grid (help text, README)."""
+    voxels = int(np.prod(DDMConfig().image_size))
+    size = "x".join(map(str, DDMConfig().image_size))
+    return f"about {frames * voxels * FRAME_BYTES_PER_VOXEL / 1e9:.0f} GB for a {size} source"
+
+
 def _gammas(frames: int | None, gammas: Sequence[float] | None) -> list[float]:
     if gammas is not None:
         values = [float(g) for g in gammas]
         if not values:
             raise InputError("no gammas given; give values in [0, 1], e.g. --gammas 0,0.5,1")
+        if len(values) > MAX_FRAMES:
+            raise InputError(f"{len(values)} gammas are more than {MAX_FRAMES}, the most frames one run makes "
+                             f"({frames_memory_text()}); give fewer, or split them over several runs")
         bad = [g for g in values if not (0.0 <= g <= 1.0) or np.isnan(g)]
         if bad:
             raise InputError(f"gammas must lie in [0, 1]; got {bad}")
         return values
     if frames is None or int(frames) < 2:
         raise InputError(f"--frames must be at least 2 (source and target), got {frames}")
+    if int(frames) > MAX_FRAMES:
+        raise InputError(f"--frames {frames} is more than {MAX_FRAMES}, the most one run makes "
+                         f"({frames_memory_text()}); ask for fewer frames, or split the range with --gammas over "
+                         "several runs")
     return [float(g) for g in np.linspace(0.0, 1.0, int(frames))]
 
 
@@ -364,21 +388,29 @@ def _inputs(source, target, source_frame: int | None, target_frame: int | None) 
 
 
 def _as_image(value, what: str) -> sitk.Image:
+    """A float32 3D image of our own (a 2D input becomes a single slice, marked so that the result
+    goes back to 2D: see _in_input_dims)."""
     if isinstance(value, sitk.Image):
         if value.GetNumberOfComponentsPerPixel() != 1:
             raise InputError(f"the {what} image has {value.GetNumberOfComponentsPerPixel()} components; give a scalar volume")
         if value.GetDimension() == 4:
             raise InputError(f"the {what} image is 4D; pass one frame")
+        planar = value.GetDimension() == 2 or value.HasMetaDataKey(_PLANAR_KEY)  # (a frame _as_image made)
         img = sitk.Cast(value, sitk.sitkFloat32)
-        if img.GetDimension() == 2:
+        if planar:
             img = sitk.JoinSeries(img)
         arr = sitk.GetArrayViewFromImage(img)
-        if not np.isfinite(arr).all():
-            raise InputError(f"the {what} image contains NaN or infinite values; fix or mask them first")
+        finite = np.count_nonzero(np.isfinite(arr))
+        if finite < arr.size:
+            bad = f"every voxel ({arr.size}) is" if finite == 0 else f"{arr.size - finite} of its {arr.size} voxels are"
+            raise InputError(f"the {what} image: {bad} NaN or infinite; fix or mask them (e.g. replace NaN by 0) "
+                             "first")
         if float(arr.max()) == float(arr.min()):
             raise InputError(f"the {what} image is constant (empty); give an image with content")
-        return img
-    return read_image(value)
+    else:
+        img = read_image(value)
+        planar = not Path(value).is_dir() and read_info(value).dimension == 2
+    return _mark_planar(img, planar)
 
 
 def _as_labels(seg, source: sitk.Image) -> sitk.Image:
@@ -387,8 +419,41 @@ def _as_labels(seg, source: sitk.Image) -> sitk.Image:
         labels = sitk.JoinSeries(labels)
     labels = sitk.Cast(labels, sitk.sitkUInt8)
     if not same_geometry(labels, source):
+        _check_overlap(source, labels, "the source image", "the label map (--seg)",
+                       fix="pass the labels drawn on this source, or fix the origin/direction of one of the files")
         labels = resample_to_reference(labels, source, "nearest", 0)
     return labels
+
+
+#: metadata key on generate's own copy of a source that was a true 2D image (no third axis)
+_PLANAR_KEY = "ddm4d_planar_input"
+
+
+def _mark_planar(image: sitk.Image, planar: bool) -> sitk.Image:
+    if planar:
+        image.SetMetaData(_PLANAR_KEY, "1")
+    elif image.HasMetaDataKey(_PLANAR_KEY):  # read from a file, not set by us
+        image.EraseMetaData(_PLANAR_KEY)
+    return image
+
+
+def _in_input_dims(source: sitk.Image, *image_lists: list[sitk.Image]) -> tuple[list[sitk.Image], ...]:
+    """2D in, 2D out: frames, fields and labels made on single slices go back to the exact 2D geometry
+    of a 2D source (fields with their two in-plane components). The one place that converts."""
+    if not source.HasMetaDataKey(_PLANAR_KEY):
+        return image_lists
+    return tuple([_to_2d(img) for img in images] for images in image_lists)
+
+
+def _to_2d(image: sitk.Image) -> sitk.Image:
+    vector = image.GetNumberOfComponentsPerPixel() > 1
+    array = sitk.GetArrayFromImage(image)[0]  # (y, x[, components x y z])
+    out = sitk.GetImageFromArray(array[..., :2] if vector else array, isVector=vector)
+    d = image.GetDirection()
+    out.SetOrigin(image.GetOrigin()[:2])
+    out.SetSpacing(image.GetSpacing()[:2])
+    out.SetDirection((d[0], d[1], d[3], d[4]))
+    return out
 
 
 def _resolve_model(model, spatial_dims: int, fit_steps: int, refine: bool):
@@ -486,7 +551,10 @@ def _check_cancel(cancel) -> None:
 
 def write_sequence_nrrd(images: Sequence[sitk.Image], path: str | os.PathLike, index_values: Sequence[float],
                         index_name: str = "gamma", node_class: str = "vtkMRMLScalarVolumeNode") -> Path:
-    """A Slicer volume sequence (.seq.nrrd): one 4D NRRD, list axis last, items on one shared grid."""
+    """A Slicer volume sequence (.seq.nrrd): one 4D NRRD, list axis last, items on one shared grid.
+
+    Slicer's volumes are 3D (it reads no 2D item): 2D images are written as single slices."""
+    images = [sitk.JoinSeries(img) if img.GetDimension() == 2 else img for img in images]
     ref = images[0]
     data = np.stack([sitk.GetArrayViewFromImage(img) for img in images])  # (n, k, j, i): i fastest
     nrrd_type = {np.dtype("float32"): "float", np.dtype("float64"): "double", np.dtype("uint8"): "uint8",
@@ -514,39 +582,21 @@ def write_sequence_nrrd(images: Sequence[sitk.Image], path: str | os.PathLike, i
             f.write(("\n".join(header) + "\n\n").encode("ascii"))
             f.write(payload)
 
-    from .checkpoint import atomic_write
-
-    return atomic_write(path, write)
+    return files.atomic_write(path, write)
 
 
 def _write_outputs(result: GenerationResult, out_dir: Path, quicklook: bool) -> dict[str, Any]:
-    out_dir = out_dir.resolve()
-    parent = out_dir.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise InputError(f"cannot create output folder {out_dir} ({err.strerror}); choose a writable --out") from None
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"output {out_dir} exists and is a file; choose a folder for --out")
-    if not os.access(parent, os.W_OK) or (out_dir.exists() and not os.access(out_dir, os.W_OK)):
-        raise InputError(f"output folder {out_dir} is not writable; choose another --out")
+    """The result folder, replaced as a whole under the rule of ddm4d.files (checked before writing)."""
     t0 = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=parent))
-    try:
-        report = _write_into(result, tmp, out_dir, quicklook)
+
+    def fill(tmp: Path, final: Path) -> dict[str, Any]:
+        report = _write_into(result, tmp, final, quicklook)
         report["timings_s"]["write"] = time.perf_counter() - t0
-        (tmp / "report.json").write_text(json.dumps(report, indent=2))
-        if out_dir.exists():
-            old = parent / f".{out_dir.name}.old-{os.getpid()}"
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return report
+        report.update(files.manifest(tmp))  # every file it wrote: a later run may replace them, nothing else
+        files.write_text(tmp / files.MANIFEST, json.dumps(report, indent=2))  # last: it lists the others
+        return report
+
+    return files.replace_folder(out_dir, fill, "--out", "ddm4d generate")
 
 
 def _write_into(result: GenerationResult, tmp: Path, final: Path, quicklook: bool) -> dict[str, Any]:
@@ -587,8 +637,8 @@ def _write_into(result: GenerationResult, tmp: Path, final: Path, quicklook: boo
         report["refinement"] = result.refinement
     if result.score is not None:
         from .cine import score_markdown
-        (tmp / "score.json").write_text(json.dumps(result.score, indent=2))
-        (tmp / "score.md").write_text(score_markdown(result.score))
+        files.write_text(tmp / "score.json", json.dumps(result.score, indent=2))
+        files.write_text(tmp / "score.md", score_markdown(result.score))
         report["score"] = {"json": str(final / "score.json"), "markdown": str(final / "score.md"),
                            "mean": result.score["mean"]}
     if result.fit_losses:
@@ -609,11 +659,12 @@ def _write_jacobian(field: sitk.Image, path: Path) -> None:
 
 def _write_volumes(result: GenerationResult, tmp: Path, final: Path) -> dict[str, Any]:
     volumes = result.label_volumes_ml()
-    with open(tmp / "volumes.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["frame", "gamma"] + [f"{STRUCTURE_NAMES[k]} (mL)" for k in VOLUME_STRUCTURES])
-        for i, (g, v) in enumerate(zip(result.gammas, volumes)):
-            writer.writerow([i, f"{g:.4f}"] + [f"{v[k]:.3f}" for k in VOLUME_STRUCTURES])
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(["frame", "gamma"] + [f"{STRUCTURE_NAMES[k]} (mL)" for k in VOLUME_STRUCTURES])
+    for i, (g, v) in enumerate(zip(result.gammas, volumes)):
+        writer.writerow([i, f"{g:.4f}"] + [f"{v[k]:.3f}" for k in VOLUME_STRUCTURES])
+    files.write_text(tmp / "volumes.csv", table.getvalue())
     first, last = volumes[0]["lv_blood_pool"], volumes[-1]["lv_blood_pool"]
     ef = (first - last) / first if first > 0 else None
     import matplotlib
@@ -632,14 +683,14 @@ def _write_volumes(result: GenerationResult, tmp: Path, final: Path) -> dict[str
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(tmp / "volumes.png", dpi=100)
+    files.atomic_write(tmp / "volumes.png", lambda path: fig.savefig(path, format="png", dpi=100))
     plt.close(fig)
     return {"volumes_ml": volumes, "ejection_fraction": ef, "volumes_csv": str(final / "volumes.csv"),
             "volumes_png": str(final / "volumes.png")}
 
 
 def _middle_slices(result: GenerationResult) -> list[np.ndarray]:
-    arrays = [sitk.GetArrayViewFromImage(f) for f in result.frames]
+    arrays = [sitk.GetArrayViewFromImage(f).reshape((-1,) + f.GetSize()[1::-1]) for f in result.frames]  # 2D: 1 slice
     k = arrays[0].shape[0] // 2
     lo, hi = np.percentile(np.stack([a[k] for a in arrays]), [1, 99])
     return [np.clip((a[k] - lo) / max(hi - lo, 1e-6), 0, 1) for a in arrays]
@@ -657,9 +708,10 @@ def _write_quicklook(result: GenerationResult, tmp: Path, final: Path) -> dict[s
     montage = Image.new("L", (cols * w, rows * h))
     for i, im in enumerate(frames):
         montage.paste(im, ((i % cols) * w, (i // cols) * h))
-    montage.save(tmp / "montage.png")
+    files.atomic_write(tmp / "montage.png", lambda path: montage.save(path, format="PNG"))
     loop = frames + frames[-2:0:-1]  # forth and back, like a beating heart
-    loop[0].save(tmp / "frames.gif", save_all=True, append_images=loop[1:], duration=120, loop=0)
+    files.atomic_write(tmp / "frames.gif", lambda path: loop[0].save(path, format="GIF", save_all=True,
+                                                                   append_images=loop[1:], duration=120, loop=0))
     return {"montage": str(final / "montage.png"), "gif": str(final / "frames.gif")}
 
 
@@ -673,11 +725,15 @@ def add_arguments(parser) -> None:
                         "source's cine")
     parser.add_argument("--source-frame", type=int, metavar="I", help="frame of the source cine (from 0)")
     parser.add_argument("--target-frame", type=int, metavar="J", help="frame of the target cine (from 0)")
-    parser.add_argument("--out", required=True, help="output folder (written atomically)")
+    parser.add_argument("--out", required=True,
+                        help="output folder, written atomically; it must be new, empty or hold only an earlier result "
+                        "of ddm4d generate (which is replaced): generate never deletes or overwrites a file it did "
+                        "not write")
     parser.add_argument("--model", default="default",
                         help="model .safetensors file, 'default' (bundled) or 'none' (no network: refinement only)")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--frames", type=int, help="number of frames including source and target (default 10)")
+    group.add_argument("--frames", type=int, help="number of frames including source and target (default 10, at "
+                       f"most {MAX_FRAMES}: frames and fields stay in memory until written, {frames_memory_text()})")
     group.add_argument("--gammas", help="explicit comma-separated gammas in [0, 1], e.g. 0,0.25,0.5,1")
     parser.add_argument("--mode", default=DEFAULT_MODE, choices=list(MODES) + list(MODE_ALIASES),
                         help=f"symmetric: source and target warped along one path and cross-faded; forward: the "
@@ -713,7 +769,7 @@ def _parse_floats(text: str, what: str, count: int | None = None) -> list[float]
 
 
 def main(args) -> int:
-    gammas = _parse_floats(args.gammas, "--gammas") if args.gammas else None
+    gammas = _parse_floats(args.gammas, "--gammas") if args.gammas is not None else None
     frames = 10 if args.frames is None else args.frames
     if args.score:
         if args.source_frame is None or args.target_frame is None:
@@ -730,11 +786,8 @@ def main(args) -> int:
     if args.chunk_size is not None and args.chunk_size < 1:
         raise InputError(f"--chunk-size must be at least 1, got {args.chunk_size}")
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output {out} exists and is a file; choose a folder for --out")
-    probe = out if out.exists() else next((p for p in out.resolve().parents if p.exists()), Path("/"))
-    if not os.access(probe, os.W_OK):
-        raise InputError(f"output folder {out} is not writable (no write permission in {probe}); choose another --out")
+    files.check_replaceable(out, "--out", "ddm4d generate")  # before any work; again when writing
+    _gammas(frames if gammas is None else None, gammas)  # e.g. --frames 100000: refused before anything loads
 
     def progress(fraction: float, message: str) -> None:
         if not args.quiet:

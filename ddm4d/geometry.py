@@ -158,15 +158,16 @@ def resample_to_reference(image: sitk.Image, reference: sitk.Image, interpolator
                          out_type)
 
 
-def _check_overlap(source: sitk.Image, target: sitk.Image, source_name: str, target_name: str) -> None:
+def _check_overlap(source: sitk.Image, target: sitk.Image, source_name: str, target_name: str,
+                   fix: str = "pass two phases of the same acquisition, or fix the origin/direction of one of "
+                              "the files") -> None:
     slo, shi = physical_bounds(source)
     tlo, thi = physical_bounds(target)
     if np.any(np.minimum(shi, thi) <= np.maximum(slo, tlo)):
         fmt = lambda v: "(" + ", ".join(f"{x:.1f}" for x in v) + ")"  # noqa: E731
         raise InputError(
             f"{target_name} does not overlap {source_name} in physical space ({source_name} spans "
-            f"{fmt(slo)}..{fmt(shi)} mm, {target_name} {fmt(tlo)}..{fmt(thi)} mm, LPS); pass two phases of "
-            "the same acquisition, or fix the origin/direction of one of the files")
+            f"{fmt(slo)}..{fmt(shi)} mm, {target_name} {fmt(tlo)}..{fmt(thi)} mm, LPS); {fix}")
 
 
 # ------------------------------------------------------------------------------------------- the mapping

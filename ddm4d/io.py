@@ -13,7 +13,6 @@ from __future__ import annotations
 import gzip
 import os
 import struct
-import tempfile
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
-from .files import make_public
+from .files import atomic_write
 
 __all__ = [
     "GeometryWarning", "ImageInfo", "read_image", "read_labels", "read_cine", "write_image",
@@ -82,8 +81,17 @@ def _require_exists(path: Path) -> None:
         raise InputError(f"{_name(path)}: file not found{hint}; check the path")
 
 
-def _nifti_expected_bytes(path: Path) -> int | None:
-    """Bytes a complete (uncompressed) .nii file must hold, from its header; None if not NIfTI-1/2."""
+@dataclass(frozen=True)
+class _NiftiHeader:
+    endian: str
+    datatype: int
+    bitpix: int
+    voxels: int
+    vox_offset: int
+
+
+def _nifti_header(path: Path) -> _NiftiHeader | None:
+    """The facts of a NIfTI-1/2 header that ITK's reader does not report; None if not NIfTI."""
     opener = gzip.open if _suffix(path) == ".nii.gz" else open
     try:
         with opener(path, "rb") as f:
@@ -97,11 +105,11 @@ def _nifti_expected_bytes(path: Path) -> int | None:
         (sizeof_hdr,) = struct.unpack(endian + "i", head[:4])
         if sizeof_hdr == 348:  # NIfTI-1
             dims = struct.unpack(endian + "8h", head[40:56])
-            (bitpix,) = struct.unpack(endian + "h", head[72:74])
+            (datatype, bitpix) = struct.unpack(endian + "2h", head[70:74])
             (vox_offset,) = struct.unpack(endian + "f", head[108:112])
             break
         if sizeof_hdr == 540 and len(head) >= 540:  # NIfTI-2
-            (bitpix,) = struct.unpack(endian + "h", head[14:16])
+            (datatype, bitpix) = struct.unpack(endian + "2h", head[12:16])
             dims = struct.unpack(endian + "8q", head[16:80])
             (vox_offset,) = struct.unpack(endian + "q", head[168:176])
             break
@@ -113,7 +121,40 @@ def _nifti_expected_bytes(path: Path) -> int | None:
     n = 1
     for d in dims[1:ndim + 1]:
         n *= max(int(d), 1)
-    return int(vox_offset) + n * bitpix // 8
+    return _NiftiHeader(endian, int(datatype), int(bitpix), n, int(vox_offset))
+
+
+def _nifti_expected_bytes(path: Path) -> int | None:
+    """Bytes a complete (uncompressed) .nii file must hold, from its header; None if not NIfTI-1/2."""
+    header = _nifti_header(path)
+    return None if header is None else header.vox_offset + header.voxels * header.bitpix // 8
+
+
+#: NIfTI datatype codes of real floating-point voxels (float32, float64), the ones that can hold NaN
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+_SCAN_BYTES = 1 << 22  # read the voxel data in pieces of this size when counting NaN
+
+
+def _nifti_nonfinite(path: Path) -> tuple[int, int]:
+    """(NaN or infinite voxels, all voxels) in a NIfTI file's raw data: ITK's NIfTI reader turns NaN
+    and inf into 0 (an all-NaN image then looks constant, some NaN look like real zeros)."""
+    header = _nifti_header(path) if _suffix(path) in (".nii", ".nii.gz") else None
+    if header is None or header.datatype not in _NIFTI_FLOATS:
+        return 0, 0 if header is None else header.voxels
+    dtype = np.dtype(header.endian + _NIFTI_FLOATS[header.datatype])
+    step = _SCAN_BYTES - _SCAN_BYTES % dtype.itemsize
+    bad, left = 0, header.voxels * dtype.itemsize
+    opener = gzip.open if _suffix(path) == ".nii.gz" else open
+    with opener(path, "rb") as f:
+        f.seek(header.vox_offset)
+        while left > 0:
+            chunk = f.read(min(step, left))
+            if not chunk:
+                break
+            values = np.frombuffer(chunk[:len(chunk) - len(chunk) % dtype.itemsize], dtype=dtype)
+            bad += int(values.size - np.count_nonzero(np.isfinite(values)))
+            left -= len(chunk)
+    return bad, header.voxels
 
 
 def check_complete(path: str | os.PathLike) -> None:
@@ -268,6 +309,9 @@ def _load(path: Path) -> tuple[sitk.Image, dict[str, str]]:
             reader.SetFileNames(files)
         return _execute(path, reader), meta
     check_complete(path)
+    bad, total = _nifti_nonfinite(path)
+    if bad:
+        raise InputError(_nonfinite_message(path, bad, total))
     reader = _file_reader(path)
     meta = _metadata(reader)
     return _execute(path, reader), meta
@@ -282,12 +326,16 @@ def _check_scalar(path: Path, image: sitk.Image) -> None:
         raise InputError(f"{_name(path)}: has complex voxels; pass a magnitude (real-valued) volume")
 
 
+def _nonfinite_message(path: Path, bad: int, total: int) -> str:
+    what = f"every voxel ({total}) is" if bad == total else f"{bad} of its {total} voxels are"
+    return (f"{_name(path)}: {what} NaN or infinite; fix or mask them (e.g. replace NaN by 0) before using "
+            "the image")
+
+
 def _check_values(path: Path, array: np.ndarray) -> None:
     finite = np.isfinite(array)
     if not finite.all():
-        bad = int(array.size - np.count_nonzero(finite))
-        raise InputError(f"{_name(path)}: contains {bad} NaN or infinite voxel value(s); fix or mask them "
-                         "(e.g. replace NaN by 0) before using the image")
+        raise InputError(_nonfinite_message(path, int(array.size - np.count_nonzero(finite)), int(array.size)))
     lo, hi = float(array.min()), float(array.max())
     if lo == hi:
         raise InputError(f"{_name(path)}: is constant (every voxel is {lo:g}), an empty image; check that "
@@ -497,24 +545,15 @@ def write_image(image: sitk.Image, path: str | os.PathLike) -> Path:
     if ext not in WRITE_EXTENSIONS:
         raise InputError(f"{_name(path)}: unsupported output extension {ext or '(none)'!r}; use one of "
                          f"{', '.join(WRITE_EXTENSIONS)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{ext}")
-    os.close(fd)
-    try:
-        sitk.WriteImage(image, tmp, useCompression=ext in (".nrrd", ".mha"))
-        make_public(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+    return atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, useCompression=ext in (".nrrd", ".mha")),
+                        suffix=ext)
 
 
 def write_cine(frames: Sequence[sitk.Image], path: str | os.PathLike, frame_time: float = 1.0) -> Path:
-    """Write 3D frames of one geometry as a 4D file (x, y, z, t); `frame_time` is the t spacing."""
+    """Write 3D frames of one geometry as a 4D file (x, y, z, t); `frame_time` is the t spacing.
+
+    2D frames become single slices (x, y, 1, t): NIfTI keeps time on its fourth axis, and read_cine
+    reads the file back."""
     frames = list(frames)
     if not frames:
         raise ValueError("write_cine needs at least one frame")
@@ -524,9 +563,10 @@ def write_cine(frames: Sequence[sitk.Image], path: str | os.PathLike, frame_time
                 or not np.allclose(f.GetOrigin(), ref.GetOrigin(), atol=1e-4) \
                 or not np.allclose(f.GetDirection(), ref.GetDirection(), atol=1e-6):
             raise ValueError(f"write_cine: frame {i} has a different geometry from frame 0")
-    if ref.GetDimension() != 3:
-        raise ValueError(f"write_cine needs 3D frames, got {ref.GetDimension()}D")
-    same = [sitk.Image(f) for f in frames]
+    if ref.GetDimension() not in (2, 3):
+        raise ValueError(f"write_cine needs 2D or 3D frames, got {ref.GetDimension()}D")
+    same = [sitk.Image(_as_3d(f)) for f in frames]  # copies: the caller's frames keep their geometry
+    ref = same[0]
     for f in same[1:]:
         f.CopyInformation(ref)
     return write_image(sitk.JoinSeries(same, 0.0, float(frame_time)), path)

@@ -23,14 +23,15 @@ import argparse
 import json
 import os
 import re
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+from . import files
 from .errors import InputError
+from .io import write_image
 
 LABEL_BACKGROUND, LABEL_RV, LABEL_MYOCARDIUM, LABEL_LV = 0, 1, 2, 3
 LABEL_NAMES = {LABEL_RV: "RV cavity", LABEL_MYOCARDIUM: "LV myocardium", LABEL_LV: "LV cavity"}
@@ -42,6 +43,8 @@ IN_PLANE_LIMITS = (16, 1024)  # voxels along x and y
 SLICE_LIMITS = (1, 1024)  # voxels along z (1: a single short-axis slice)
 EJECTION_FRACTION_LIMITS = (0.05, 0.9)
 MAX_PATIENTS = 999  # ACDC names folders patient001 .. patient999
+#: phantom.json's "format": a patient folder holding it was written by ddm4d phantom, which may rewrite it
+PHANTOM_FORMAT = "ddm4d-phantom"
 
 
 @dataclass(frozen=True)
@@ -921,25 +924,28 @@ def _patient_name(index: int) -> str:
 def write_subject(subject: PhantomSubject, patient_dir: str | os.PathLike) -> Path:
     """Write one subject in the ACDC layout (plus the 4D labels and a phantom.json of the truth).
 
-    Every file is written under a temporary name in its folder and moved into place, so a reader
-    never sees a half-written file; frame files of an earlier run that are no longer ED/ES go."""
+    Every file is written atomically (ddm4d.files), so a reader never sees a half-written file; frame
+    files of an earlier run that are no longer ED/ES go. The folder must be new, empty or written by
+    ddm4d phantom (its phantom.json): a real patient's files are never overwritten."""
     folder = Path(patient_dir)
+    _check_patient_folder(folder)
     folder.mkdir(parents=True, exist_ok=True)
     name = folder.name
-    _write_text(folder / "Info.cfg", subject.info_cfg())
-    _write_image(sitk.JoinSeries(subject.images), folder / f"{name}_4d.nii.gz")
-    _write_image(sitk.JoinSeries(subject.labels), folder / f"{name}_4d_gt.nii.gz")
+    files.write_text(folder / "Info.cfg", subject.info_cfg())
+    write_image(sitk.JoinSeries(subject.images), folder / f"{name}_4d.nii.gz")
+    write_image(sitk.JoinSeries(subject.labels), folder / f"{name}_4d_gt.nii.gz")
     keep = set()
     for index in sorted({subject.ed, subject.es}):
         stem = f"{name}_frame{index + 1:02d}"
-        _write_image(subject.images[index], folder / f"{stem}.nii.gz")
-        _write_image(subject.labels[index], folder / f"{stem}_gt.nii.gz")
+        write_image(subject.images[index], folder / f"{stem}.nii.gz")
+        write_image(subject.labels[index], folder / f"{stem}_gt.nii.gz")
         keep |= {f"{stem}.nii.gz", f"{stem}_gt.nii.gz"}
     stale = re.compile(rf"{re.escape(name)}_frame\d+(_gt)?\.nii\.gz")
     for path in folder.iterdir():
         if stale.fullmatch(path.name) and path.name not in keep:
             path.unlink()
     truth = {
+        "format": PHANTOM_FORMAT,
         "seed": subject.seed,
         "n_frames": subject.n_frames,
         "ed": subject.ed + 1,
@@ -952,49 +958,38 @@ def write_subject(subject: PhantomSubject, patient_dir: str | os.PathLike) -> Pa
         "labels": {str(k): v for k, v in LABEL_NAMES.items()},
         "note": "ed/es are 1-based frame numbers, as in Info.cfg; volumes are analytic",
     }
-    _write_text(folder / "phantom.json", json.dumps(truth, indent=1) + "\n")
+    files.write_text(folder / "phantom.json", json.dumps(truth, indent=1) + "\n")
     return folder
 
 
-def _temporary_path(target: Path, suffix: str = ".tmp") -> Path:
-    """A unique hidden name beside ``target`` (same folder, so os.replace is atomic); the file is
-    created by its writer, so it gets the usual permissions rather than mkstemp's private ones."""
-    return target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}{suffix}")
-
-
-def _write_image(image: sitk.Image, target: Path) -> None:
-    temporary = _temporary_path(target, suffix=".nii.gz")  # NIfTI IO insists on the extension
+def _written_by_phantom(folder: Path) -> bool:
+    """phantom.json of ddm4d phantom (its format, or the keys of one written before the format was)."""
     try:
-        writer = sitk.ImageFileWriter()
-        writer.SetFileName(str(temporary))
-        writer.UseCompressionOn()
-        writer.Execute(image)
-        os.replace(temporary, target)
-    finally:
-        temporary.unlink(missing_ok=True)
+        truth = json.loads((folder / "phantom.json").read_text())
+    except (OSError, ValueError):
+        return False
+    legacy = {"seed", "n_frames", "ed", "es", "contraction", "note"}
+    return isinstance(truth, dict) and (truth.get("format") == PHANTOM_FORMAT or legacy <= truth.keys())
 
 
-def _write_text(target: Path, text: str) -> None:
-    temporary = _temporary_path(target)
-    try:
-        with open(temporary, "x") as stream:
-            stream.write(text)
-        os.replace(temporary, target)
-    finally:
-        temporary.unlink(missing_ok=True)
+def _check_patient_folder(folder: Path) -> None:
+    """Refuse a patient folder that holds files ddm4d phantom did not write (e.g. a real patient's)."""
+    if folder.is_dir() and any(folder.iterdir()) and not _written_by_phantom(folder):
+        shown = sorted(p.name for p in folder.iterdir())
+        raise InputError(f"{folder} holds files that ddm4d phantom did not write ({', '.join(shown[:3])}"
+                         f"{', …' if len(shown) > 3 else ''}); choose an empty or new output folder")
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder} exists and is a file; choose an empty or new output folder")
 
 
 def _prepare_output(out_dir) -> Path:
     """Create the output folder or say clearly why it cannot be used."""
+    files.check_writable(out_dir, "output folder")
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output folder {out} exists and is a file; choose a folder path")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise InputError(f"cannot create output folder {out} ({err.strerror}); choose a writable folder") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise InputError(f"output folder {out} is not writable; choose a writable folder")
     return out
 
 
@@ -1008,6 +1003,8 @@ def _iter_dataset(out_dir, n_subjects, seed, first_index, **subject_kwargs):
     _check_seed(seed)
     _check_options(**{k: v for k, v in subject_kwargs.items() if k != "defaults"})
     out = _prepare_output(out_dir)
+    for index in range(first_index, first_index + int(n_subjects)):  # all of them before any work
+        _check_patient_folder(out / _patient_name(index))
     for index in range(first_index, first_index + int(n_subjects)):
         subject = make_subject(subject_seed(seed, index), **subject_kwargs)
         yield write_subject(subject, out / _patient_name(index)), subject
@@ -1090,13 +1087,7 @@ def save_montage(subject_or_dir, png_path, n_columns: int = 8) -> Path:
     figure.tight_layout()
     png_path = _check_png_path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = _temporary_path(png_path, suffix=".png")
-    try:
-        figure.savefig(temporary, format="png")
-        os.replace(temporary, png_path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return png_path
+    return files.atomic_write(png_path, lambda path: figure.savefig(path, format="png"))
 
 
 def _check_png_path(png_path) -> Path:
@@ -1133,7 +1124,8 @@ def _thin(frames: list[int], count: int, keep: set[int]) -> list[int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out_dir", metavar="OUT_DIR", help="folder to write patient001, patient002, … into")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="folder to write patient001, patient002, … into (a "
+                        "patient folder holding files that ddm4d phantom did not write is refused, never overwritten)")
     parser.add_argument("--subjects", type=int, default=5, metavar="N", help="number of subjects (default 5)")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="random seed of the data set (default 0)")
     parser.add_argument("--frames", type=int, metavar="N", help="frames per cycle (default: drawn in 12..25)")

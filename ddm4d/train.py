@@ -60,10 +60,14 @@ from .config import DDMConfig
 from .data import Dataset, Subject, scan_dataset
 from .device import autocast, resolve_device
 from .errors import InputError
+from .files import check_writable, process_alive, remove_temporary_files
 from .geometry import to_model_grid
 
 RUN_FORMAT = "ddm4d-run"
 RUN_FORMAT_VERSION = 1
+#: the files of RUN_DIR that a run writes over: config.json identifies a run folder as ddm4d's, and
+#: without it none of these may be there (train never overwrites a file it did not write)
+RUN_FILES = ("config.json", "log.jsonl", "model.safetensors", "model_raw.safetensors", "loss_curve.png")
 METHODS = ("ddm", "vm", "vmdiff")
 #: exit codes after a clean stop: 128 + signal number
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -312,19 +316,7 @@ class Reporter:
 
 # ============================================================================================ run dir
 
-def _pid_alive(pid: int) -> bool:
-    """A live process (a zombie, killed but not yet reaped, counts as dead)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
+_pid_alive = process_alive  # (ddm4d.files: shared with the cleaning of generate's temporary folders)
 
 
 class RunLock:
@@ -354,7 +346,10 @@ class RunLock:
             text = self.path.read_text().split()
         except FileNotFoundError:
             return
-        pid = int(text[0]) if text and text[0].isdigit() else None
+        if text and (len(text) != 2 or not text[0].isdigit()):
+            raise InputError(f"{self.path} was not written by ddm4d train; train into another --out (or delete that "
+                             "file if it is yours and nothing uses it)")
+        pid = int(text[0]) if text else None  # empty: a lock whose writer died before writing into it
         host = text[1] if len(text) > 1 else socket.gethostname()
         if pid is not None and (host != socket.gethostname() or _pid_alive(pid)):
             where = "" if host == socket.gethostname() else f" on {host}"
@@ -867,7 +862,12 @@ def _stored_run(run_dir: Path, resume: bool) -> dict[str, Any] | None:
     if not resume and _checkpoint_files(run_dir / "checkpoints"):
         raise InputError(f"{run_dir} already holds a training run (checkpoints/); use --resume to continue "
                          "it, or another --out")
-    return _read_run_config(run_dir) if resume else None
+    stored = _read_run_config(run_dir)  # InputError for a config.json that is not a ddm4d run's
+    foreign = [name for name in RUN_FILES if stored is None and (run_dir / name).exists()]
+    if foreign:
+        raise InputError(f"--out {run_dir} holds {', '.join(foreign)}, not written by ddm4d train (no ddm4d "
+                         "config.json beside); choose an empty or new folder")
+    return stored if resume else None
 
 
 def _spatial_dims(o: TrainOptions, stored: dict | None, dataset: Dataset) -> int:
@@ -1196,8 +1196,7 @@ def _prepare_run_dir(run: Run, reporter: Reporter, start_iteration: int) -> tupl
     run.run_dir.mkdir(parents=True, exist_ok=True)
     run.checkpoints.mkdir(exist_ok=True)
     for folder in (run.run_dir, run.checkpoints):
-        for stale in folder.glob(".*.tmp"):  # left by a killed write; never read as a checkpoint
-            stale.unlink(missing_ok=True)
+        remove_temporary_files(folder)  # left by killed writes (ours only); never read as a checkpoint
     config_json = json.dumps(_run_config_json(run), indent=2)
     atomic_write(run.run_dir / "config.json", lambda tmp: Path(tmp).write_text(config_json))
     log = run.run_dir / "log.jsonl"
@@ -1279,6 +1278,7 @@ def _lock_run_dir(run_dir: Path, reporter: Reporter) -> tuple[RunLock | None, Pa
     run_dir = run_dir.expanduser().resolve()
     if run_dir.exists() and not run_dir.is_dir():
         return None, None  # resolve_run explains
+    check_writable(run_dir, "--out")
     created = None if run_dir.exists() else run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(run_dir)
@@ -1304,7 +1304,8 @@ def train(data: str | os.PathLike, out: str | os.PathLike, **options: Any) -> Tr
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = DDMConfig()
     parser.add_argument("data", metavar="DATA_DIR", help="ACDC-layout folder (patient*/) or a pairs CSV")
-    parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder (checkpoints, log, model)")
+    parser.add_argument("--out", required=True, metavar="RUN_DIR",
+                        help="run folder (checkpoints, log, model); train never overwrites a file it did not write")
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, metavar="E", help=f"epochs over the training pairs (default {d.epochs})")
     length.add_argument("--iterations", type=int, metavar="I", help="optimiser steps in total (instead of --epochs)")
