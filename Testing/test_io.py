@@ -112,7 +112,7 @@ def test_real_multiframe_cine_is_split_into_time_frames_with_a_spacing_warning()
     assert frames[0].GetSpacing()[:2] == (1.0, 1.0)
     a0, a6 = (sitk.GetArrayFromImage(frames[i]) for i in (0, 6))
     assert not np.array_equal(a0, a6)  # the heart moves
-    with pytest.raises(InputError, match="read_cine") as info:
+    with pytest.raises(InputError, match="--source-frame and --target-frame") as info:
         read_image(path)
     assert "heart_cine_16frames.dcm" in str(info.value) and "16 frames" in str(info.value)
 
@@ -214,7 +214,7 @@ def _bad(tmp_path: Path, kind: str) -> Path:
     ("truncated", ["truncated"]),
     ("truncated-nii", ["truncated"]),
     ("truncated-mha", ["cannot be read"]),
-    ("4d", ["4D (2 frames)", "read_cine"]),
+    ("4d", ["4D (2 frames, 0..1)", "--source-frame and --target-frame"]),
     ("nan", ["NaN"]),
     ("inf", ["infinite"]),
     ("nan-nii", ["2 of its 600 voxels are NaN or infinite"]),
