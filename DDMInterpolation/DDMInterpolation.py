@@ -413,7 +413,7 @@ class DDMInterpolationTest(ScriptedLoadableModuleTest):
     def _model(self):
         """The bundled 3D model when ddm4d ships one, else a small untrained network saved to a file and
         fitted for a few steps (seconds on a CPU): the test checks the flow, not the model's quality."""
-        from ddm4d.generate import bundled_model_path
+        from ddm4d.generation import bundled_model_path
         if bundled_model_path(3) is not None:
             return dict(model=Constants.DEFAULT_MODEL, fitSteps=0)
         from ddm4d.checkpoint import save_model

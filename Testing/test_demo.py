@@ -194,7 +194,7 @@ def test_missing_model_file_exits_2(tmp_path):
 def test_bundled_model_beats_initial(tmp_path):
     """With the shipped default model (when this checkout has one): DDM's frames are closer to the
     truth than doing nothing, on a subject the model never saw."""
-    from ddm4d.generate import bundled_model_path
+    from ddm4d.generation import bundled_model_path
 
     if bundled_model_path(3) is None:
         pytest.skip("no bundled 3D model in this checkout (scripts/train_default_models.sh makes it)")

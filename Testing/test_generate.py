@@ -15,7 +15,7 @@ from ddm4d.checkpoint import save_model
 from ddm4d.cli import main as cli
 from ddm4d.config import DDMConfig
 from ddm4d.errors import InputError
-from ddm4d.generate import generate
+from ddm4d.generation import generate
 from ddm4d.metrics import dice
 from ddm4d.model import DDM
 
@@ -408,7 +408,7 @@ def test_label_propagation_on_a_phantom_follows_the_true_labels():
     behind, with the carried LV volume 3-8% below the true one), and must beat it from the middle
     on. Total Dice stays above 0.85 at every frame (measured >= 0.89).
     """
-    from ddm4d.generate import bundled_model_path
+    from ddm4d.generation import bundled_model_path
     from ddm4d.phantom import make_subject
 
     assert bundled_model_path(3) is not None, "the bundled 3D model is part of the repository"

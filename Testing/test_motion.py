@@ -13,7 +13,7 @@ from ddm4d.cine import frame_gammas, inbetween, score_frames
 from ddm4d.cli import main as cli
 from ddm4d.config import DDMConfig, RefineConfig
 from ddm4d.errors import Cancelled, InputError
-from ddm4d.generate import generate
+from ddm4d.generation import generate
 from ddm4d.losses import local_ncc
 from ddm4d.model import DDM
 from ddm4d.refine import path_fields, refine_velocity
@@ -201,7 +201,7 @@ def test_model_field_at_half_gamma_is_the_field_of_half_the_code():
 
 def test_gpu_out_of_memory_retries_smaller_then_falls_back_to_the_cpu(monkeypatch, capsys):
     """Tested on the CPU: the first passes raise CUDA's out-of-memory error as a GPU would."""
-    import ddm4d.generate as gen_module
+    import ddm4d.generation as gen_module
 
     calls = []
     real_run_on = gen_module._run_on
@@ -307,7 +307,7 @@ def test_refine_config_rejects_inconsistent_levels():
 
 def test_network_fitting_keeps_its_best_iterate_not_its_last():
     """A step size that wrecks the network: nothing beats the starting weights, so they come back."""
-    from ddm4d.generate import fit_pair
+    from ddm4d.generation import fit_pair
 
     torch.manual_seed(0)
     model = DDM(DDMConfig.for_dims(2, image_size=(32, 32), fit_lr=50.0))

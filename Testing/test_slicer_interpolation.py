@@ -3,7 +3,7 @@
 Volumes are oblique (rotated direction), anisotropic and off origin, because that is where LPS/RAS,
 axis-order and direction mix-ups show. Generated frames and fields are synthetic here (frame =
 source pulled through a known smooth field, exactly ddm4d's contract), so these tests check the MRML
-side exactly; the end-to-end tests at the bottom run the real ``ddm4d.generate``.
+side exactly; the end-to-end tests at the bottom run the real ``ddm4d.generation``.
 """
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def pull(source, field):
 
 
 def fakeResult(source, gammas, labels=None):
-    """What ddm4d.generate returns, built from a known field."""
+    """What ddm4d.generation returns, built from a known field."""
     fields = [oblique(smoothField(g, source.GetSize()), source.GetSpacing(), source.GetOrigin(),
                       np.reshape(source.GetDirection(), (3, 3)), isVector=True) for g in gammas]
     frames = [pull(source, f) for f in fields]
@@ -608,7 +608,7 @@ def phantomPair(scene):
 
 
 def test_generate_end_to_end_matches_ddm4d(scene, logic, phantomPair):
-    from ddm4d.generate import Cancelled, generate
+    from ddm4d.generation import Cancelled, generate
     net = tinyModel()
     roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "heart")
     centerLps = phantomPair["source"].TransformContinuousIndexToPhysicalPoint((18.0, 20.0, 2.5))
@@ -654,7 +654,7 @@ def test_generate_end_to_end_matches_ddm4d(scene, logic, phantomPair):
 
 def test_generate_in_a_background_process_like_the_widget(scene, logic, phantomPair, tmp_path):
     from ddm4d.checkpoint import save_model
-    from ddm4d.generate import generate
+    from ddm4d.generation import generate
     modelPath = save_model(tinyModel(), tmp_path / "tiny.safetensors")
     command = logic.buildGenerateCommand(str(tmp_path / "out"), phantomPair["sourceNode"], phantomPair["targetNode"],
                                          numberOfFrames=3, model=str(modelPath), device="cpu",

@@ -488,7 +488,7 @@ def test_module_cmake_configures_and_ships_ddm4d(tmp_path):
     ddm4d_files = {p.relative_to(ROOT).as_posix() for p in (ROOT / "ddm4d").rglob("*.py")
                    if "__pycache__" not in p.parts}
     assert ddm4d_files and ddm4d_files <= shipped, f"ddm4d files not shipped: {sorted(ddm4d_files - shipped)}"
-    models_dir = ROOT / "Resources" / "models"  # where ddm4d.generate.bundled_model_path looks
+    models_dir = ROOT / "Resources" / "models"  # where ddm4d.generation.bundled_model_path looks
     models = {p.relative_to(ROOT).as_posix() for p in models_dir.glob("*") if p.is_file()}
     assert models <= shipped, f"bundled models not shipped: {sorted(models - shipped)}"
     assert "DDMInterpolation.py" in shipped and "DDMInterpolationLib/Logic.py" in shipped

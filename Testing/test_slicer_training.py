@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "DDMTraining"))  # the module's Lib is not a pip p
 sys.path.insert(0, str(ROOT / "DDMInterpolation"))  # DDMTraining depends on DDMInterpolation's Lib
 
 from ddm4d.config import DDMConfig  # noqa: E402
-from ddm4d.train import RUN  # noqa: E402
+from ddm4d.training import RUN  # noqa: E402
 from ddm4d.phantom import write_dataset  # noqa: E402
 
 from DDMTrainingLib import (DDMTrainingLogic, LossCurves, TrainingProcess, TrainingSettings,  # noqa: E402
@@ -525,7 +525,7 @@ def test_a_file_that_is_no_model_is_refused(logic, tmp_path):
 
 def requireTrainer():
     import importlib.util
-    assert importlib.util.find_spec("ddm4d.train") is not None, "ddm4d.train (the `ddm4d train` command) is missing"
+    assert importlib.util.find_spec("ddm4d.training") is not None, "ddm4d.training (the `ddm4d train` command) is missing"
 
 
 def test_real_training_stop_resume_finish_and_use_the_model(scene, logic, phantomData, tmp_path):

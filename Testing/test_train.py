@@ -386,7 +386,7 @@ def test_spatial_dims_2_refuses_volumes(data3d, tmp_path, capsys):
 def test_cine_pairs_come_from_every_frame_both_ways_with_the_in_between_frame_at_its_time():
     import numpy as np
 
-    from ddm4d.train import draw_frames
+    from ddm4d.training import draw_frames
 
     rng = np.random.default_rng(0)
     draws = [draw_frames(12, rng, identity_fraction=0.1) for _ in range(4000)]
@@ -403,7 +403,7 @@ def test_cine_pairs_come_from_every_frame_both_ways_with_the_in_between_frame_at
 
 
 def test_ema_follows_its_warm_up_ramp_and_decay():
-    from ddm4d.train import EMA, RUN
+    from ddm4d.training import EMA, RUN
 
     model = torch.nn.Linear(1, 1, bias=False)
     with torch.no_grad():
@@ -424,7 +424,7 @@ def test_ema_follows_its_warm_up_ramp_and_decay():
 def test_training_on_a_small_phantom_makes_the_model_move_towards_the_target(tmp_path, capsys):
     """A few hundred steps on 2D phantom cines: the trained model's frame at gamma 1 is clearly closer
     to the true ES frame than the untrained model's, and an identical pair stays (nearly) still."""
-    from ddm4d.generate import generate
+    from ddm4d.generation import generate
     from ddm4d.metrics import dice
     from ddm4d.phantom import make_subject, subject_seed
 

@@ -131,7 +131,7 @@ def _generate_files(tmp: Path, size, device: str, frames: int, repeats: int) -> 
 
     from ddm4d.checkpoint import save_model
     from ddm4d.config import DDMConfig
-    from ddm4d.generate import generate
+    from ddm4d.generation import generate
     from ddm4d.model import DDM
 
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ Cases
   how far a method moves a heart that does not change.
 
 Methods: initial (the source), linear blend, demons (scaled by gamma), symmetric demons (both ways,
-cross-faded), and ddm4d.generate in forward or symmetric mode with the bundled model, refinement on
+cross-faded), and ddm4d.generation in forward or symmetric mode with the bundled model, refinement on
 or off, or refinement alone (model none).
 
 Metrics: PSNR (dB) / NMSE of in-between frames (ddm4d.cine's convention: the source's range -> [-1, 1],
@@ -41,7 +41,7 @@ from ddm4d.classical import demons_frames, linear_blend
 from ddm4d.errors import InputError
 from ddm4d.config import RefineConfig
 from ddm4d.cine import inbetween
-from ddm4d.generate import generate
+from ddm4d.generation import generate
 from ddm4d.io import read_cine
 from ddm4d.metrics import dice, label_volumes_ml, nmse, psnr
 from ddm4d.phantom import make_subject, subject_seed

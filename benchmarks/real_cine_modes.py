@@ -15,7 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ddm4d import files
-from ddm4d.generate import generate
+from ddm4d.generation import generate
 from ddm4d.io import read_cine
 from ddm4d.metrics import nmse, psnr
 

@@ -20,11 +20,11 @@ _API = {
     "DDM": "ddm4d.model",
     "load_model": "ddm4d.checkpoint",
     "save_model": "ddm4d.checkpoint",
-    "generate": "ddm4d.generate",
-    "GenerationResult": "ddm4d.generate",
-    "fit_pair": "ddm4d.generate",
-    "train": "ddm4d.train",
-    "evaluate": "ddm4d.evaluate",
+    "generate": "ddm4d.generation",
+    "GenerationResult": "ddm4d.generation",
+    "fit_pair": "ddm4d.generation",
+    "train": "ddm4d.training",
+    "evaluate": "ddm4d.evaluation",
     "scan_dataset": "ddm4d.data",
     "read_image": "ddm4d.io",
     "read_cine": "ddm4d.io",
@@ -34,6 +34,10 @@ __all__ = sorted(_API)
 
 
 def __getattr__(name: str):
+    # the functions live in modules of other names (generation, training, evaluation), so importing a
+    # module never replaces a function on the package: ddm4d.generate(...) works every time
     if name in _API:
-        return getattr(importlib.import_module(_API[name]), name)
+        value = getattr(importlib.import_module(_API[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'ddm4d' has no attribute {name!r}")

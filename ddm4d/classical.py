@@ -6,7 +6,7 @@
   1 - gamma of its own, cross-faded with weights (1 - gamma, gamma). On real ED -> ES cines this
   beats a plain linear blend, so it is the figure a motion model must beat.
 
-Fields are physical (LPS mm, pull) on the source grid, like ddm4d.generate's.
+Fields are physical (LPS mm, pull) on the source grid, like ddm4d.generation's.
 """
 from __future__ import annotations
 

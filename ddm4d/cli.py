@@ -14,9 +14,9 @@ import sys
 from .errors import InputError
 
 COMMANDS = {
-    "train": ("ddm4d.train", "train a DDM on an ACDC-layout folder or a pairs CSV"),
-    "generate": ("ddm4d.generate", "generate intermediate frames between a source and a target volume"),
-    "evaluate": ("ddm4d.evaluate", "evaluate DDM and baselines on ACDC-layout data (Table 1)"),
+    "train": ("ddm4d.training", "train a DDM on an ACDC-layout folder or a pairs CSV"),
+    "generate": ("ddm4d.generation", "generate intermediate frames between a source and a target volume"),
+    "evaluate": ("ddm4d.evaluation", "evaluate DDM and baselines on ACDC-layout data (Table 1)"),
     "phantom": ("ddm4d.phantom", "write a synthetic 4D cardiac data set in the ACDC layout"),
 }
 

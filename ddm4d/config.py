@@ -14,7 +14,7 @@ from typing import Any
 
 FORMAT_VERSION = 1
 
-# generation (ddm4d.generate; the Slicer module reads these too, so this module never imports torch):
+# generation (ddm4d.generation; the Slicer module reads these too, so this module never imports torch):
 # "symmetric" warps the source forward and the target backward along one path and cross-fades them,
 # "forward" warps the source only (the paper). The defaults are what measured best on real cines and
 # unseen phantom subjects (benchmarks/motion.py, README "Motion on real scans").

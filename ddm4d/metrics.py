@@ -85,7 +85,7 @@ def psnr(pred, ref, data_range: float | None = None) -> float:
 
     `data_range` is the span of possible intensities in the units of the arrays; default: the
     reference's max - min. ddm4d's evaluation normalises both images with one map to the model's
-    [-1, 1] range and passes data_range=2 (see ddm4d.evaluate). Identical arrays give +inf.
+    [-1, 1] range and passes data_range=2 (see ddm4d.evaluation). Identical arrays give +inf.
     """
     p, r = _pair(pred, ref)
     error = float(np.mean((p - r) ** 2))

@@ -7,7 +7,7 @@ No download and no GPU needed. What it does:
    model never saw in training) into OUT/data, in the ACDC layout, with labels on every frame;
 2. generates the frames from end-diastole (ED) to end-systole (ES) with the bundled DDM model,
    as many as the phantom has real frames between them, carrying the ED labels along
-   (`ddm4d.generate.generate`, the same call as `ddm4d generate`), and writes them to OUT/generated;
+   (`ddm4d.generation.generate`, the same call as `ddm4d generate`), and writes them to OUT/generated;
 3. compares the generated frames with the phantom's TRUE frames at the same phases, for three
    methods: Initial (the ED frame repeated), Linear blend (cross-fade ED -> ES) and DDM, using
    the functions and normalisation of `ddm4d evaluate`;
@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------ model
 
 def missing_model_message(dims: int) -> str:
-    from ddm4d.generate import BUNDLED_MODELS
+    from ddm4d.generation import BUNDLED_MODELS
 
     name = BUNDLED_MODELS[dims]
     here = Path(ddm4d.__file__).resolve().parent
@@ -93,7 +93,7 @@ def missing_model_message(dims: int) -> str:
 
 def resolve_model(model: str, dims: int) -> Path:
     """The model file the demo uses: the bundled one for 'default', else the given file."""
-    from ddm4d.generate import bundled_model_path
+    from ddm4d.generation import bundled_model_path
 
     if model == "default":
         path = bundled_model_path(dims)
@@ -142,7 +142,7 @@ def _mean(values) -> float:
 
 
 def summarise(scores: dict) -> dict:
-    """The demo's columns from `ddm4d.evaluate.score_method`'s scores of one method."""
+    """The demo's columns from `ddm4d.evaluation.score_method`'s scores of one method."""
     s = scores["summary"]
     frames = [d for d in scores["dice_frames"][1:] if d is not None]  # generated frames 2..n
     return {
@@ -189,9 +189,9 @@ def _json_ready(value):
 # ------------------------------------------------------------------------------------------ the demo
 
 def run(args) -> int:
-    from ddm4d import evaluate as ev
+    from ddm4d import evaluation as ev
     from ddm4d.data import scan_dataset
-    from ddm4d.generate import generate
+    from ddm4d.generation import generate
     from ddm4d.phantom import write_dataset
 
     t_start = time.perf_counter()

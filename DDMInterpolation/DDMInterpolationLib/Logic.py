@@ -2,7 +2,7 @@
 
 Everything the module's GUI does is a call here, so it is scriptable from the Python console and
 testable headless under ``slicer-core``. It imports only slicer/vtk MRML API, numpy, SimpleITK and
-ddm4d (ddm4d.generate, and with it torch, only when generation runs). It never opens a dialog.
+ddm4d (ddm4d.generation, and with it torch, only when generation runs). It never opens a dialog.
 """
 import contextlib
 import dataclasses
@@ -151,21 +151,21 @@ class DDMInterpolationLogic:
         :param segmentationNode: optional labelmap volume or segmentation node of the source, propagated
           to every frame (with a volume-over-time table and chart).
         :param mode: ``"symmetric"`` (source and target warped along one path and cross-faded; the default) or
-          ``"forward"`` (the source warped, as in the paper); see ddm4d.generate.
+          ``"forward"`` (the source warped, as in the paper); see ddm4d.generation.
         :param refine: per-case refinement of the path on this pair, started from the model (the default).
         :param transformVisualization: ``"glyph"``, ``"grid"`` or ``"contour"`` in slice views.
         :param showResult: show the frames (and labels) in the slice views.
         :param progressCallback: ``progressCallback(fraction, message)``.
-        :param cancelCallback: ``cancelCallback() -> bool``; True stops generation (ddm4d.generate.Cancelled).
+        :param cancelCallback: ``cancelCallback() -> bool``; True stops generation (ddm4d.generation.Cancelled).
         :return: the vtkMRMLSequenceBrowserNode; :meth:`outputNodes` lists what else was made.
         :raises ValueError: bad inputs, with a message that says what to change; the scene is left as it was.
-        :raises ddm4d.generate.Cancelled: ``cancelCallback`` returned True; no node was made.
+        :raises ddm4d.generation.Cancelled: ``cancelCallback`` returned True; no node was made.
         """
         inputs = self.prepareInputs(
             sourceNode, targetNode, numberOfFrames, sequenceNode=sequenceNode, sourceItem=sourceItem,
             targetItem=targetItem, gammas=gammas, model=model, device=device, fitSteps=fitSteps, roiNode=roiNode,
             segmentationNode=segmentationNode, mode=mode, refine=refine)
-        from ddm4d.generate import generate as ddmGenerate  # imports torch: only now, never at module import
+        from ddm4d.generation import generate as ddmGenerate  # imports torch: only now, never at module import
 
         def generationProgress(fraction, message):
             if progressCallback is not None:

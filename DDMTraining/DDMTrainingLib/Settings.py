@@ -12,7 +12,7 @@ from ddm4d.config import DDMConfig
 from .Constants import DEVICES
 
 _PAPER = DDMConfig()
-# ddm4d train's default EMA decay (ddm4d.train.RUN.ema; not imported: that module loads torch)
+# ddm4d train's default EMA decay (ddm4d.training.RUN.ema; not imported: that module loads torch)
 DEFAULT_EMA = 0.999
 
 

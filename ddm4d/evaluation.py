@@ -7,7 +7,7 @@ frame (target):
 
 - Initial: every frame is the source (no motion at all);
 - Linear blend: (1 - gamma) * source + gamma * target (not a motion model: no fields, no labels);
-- DDM, VM, VM-diff: a model file each, run through :func:`ddm4d.generate.generate`, the one path
+- DDM, VM, VM-diff: a model file each, run through :func:`ddm4d.generation.generate`, the one path
   the CLI and Slicer use (model grid, batched deformation, fields back to the source's geometry).
 
 What is measured, and how (the choices the paper leaves open are written into report.json):
@@ -25,7 +25,7 @@ What is measured, and how (the choices the paper leaves open are written into re
   carried to each frame (nearest neighbour through the method's field) against that frame's labels,
   wherever labels exist (ES in ACDC; every frame in the phantom). Table 1 shows Dice at ES.
 - Folding: percentage of voxels with Jacobian determinant <= 0, inside the model's field of view
-  eroded by one voxel, as :func:`ddm4d.generate.generate` reports it; mean over generated frames.
+  eroded by one voxel, as :func:`ddm4d.generation.generate` reports it; mean over generated frames.
 - Time per subject: wall-clock seconds of the method's generation for all of the subject's frames
   (after one untimed warm-up run per model), plus the network-only part for models.
 """
@@ -185,9 +185,9 @@ def run_linear(source: sitk.Image, target: sitk.Image, gammas: Sequence[float]) 
 
 def run_model(model: Any, source: sitk.Image, target: sitk.Image, gammas: Sequence[float],
               seg: sitk.Image | None, device) -> MethodOutput:
-    """The one generation path of ddm4d (ddm4d.generate.generate), timed by the wall clock: the model
+    """The one generation path of ddm4d (ddm4d.generation.generate), timed by the wall clock: the model
     alone, forward (the paper's Table 1 protocol), without per-case refinement."""
-    from .generate import generate
+    from .generation import generate
 
     t0 = time.perf_counter()
     result = generate(source, target, model=model, gammas=list(gammas), seg=seg, device=device, mode="forward",
