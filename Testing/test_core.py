@@ -215,6 +215,27 @@ def test_noise_schedule_follows_the_paper():
     assert x_t[1].mean().item() == pytest.approx(np.sqrt(expected[-1]), rel=1e-4)
 
 
+def test_training_noises_the_target_as_the_schedule_says():
+    """x_t = sqrt(alpha_t) T + sqrt(1 - alpha_t) eps reaches the diffusion network, with alpha_t computed
+    here by hand from the paper's linear betas (a training step that skipped the noise would fail)."""
+    torch.manual_seed(0)
+    model = DDM(DDMConfig.for_dims(2, image_size=(32, 32)))
+    source, target = blob((32, 32), (15.5, 15.5), (8, 8)), blob((32, 32), (15.5, 18.5), (7, 7))
+    noise = torch.randn(1, 1, 32, 32)
+    seen = []
+    hook = model.diffusion.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].detach().clone()))
+    betas = np.linspace(1e-6, 1e-2, 2000)
+    for t in (0, 700, 1999):
+        model.training_losses(source, target, t=torch.tensor([t]), noise=noise)
+        alpha = np.prod(1 - betas[:t + 1])
+        expected = np.sqrt(alpha) * target + np.sqrt(1 - alpha) * noise
+        x_t = seen[-1][:, 2:3, :32, :32]  # inputs are [source, target, x_t], padded to the network's stride
+        torch.testing.assert_close(x_t, expected.float(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(seen[-1][:, :2, :32, :32], torch.cat([source, target], 1))
+    hook.remove()
+    assert not torch.allclose(seen[-1][:, 2:3, :32, :32], target, atol=0.1)
+
+
 # -------------------------------------------------------------------------------------------- model
 
 def test_gamma_zero_reproduces_the_source_and_the_plain_mode_is_selectable():

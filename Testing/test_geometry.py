@@ -365,6 +365,8 @@ def test_physical_field_agrees_with_the_models_own_warp():
     """
     import torch
 
+    import torch
+
     from ddm4d.warp import warp
 
     geo = blank((48, 44, 10))
@@ -383,3 +385,22 @@ def test_physical_field_agrees_with_the_models_own_warp():
     valid[:3], valid[-3:], valid[:, :2], valid[:, -2:], valid[..., :2], valid[..., -2:] = (False,) * 6
     assert valid.sum() > 500
     np.testing.assert_allclose(back_on_grid[valid], model_frame[valid], atol=0.02)  # intensity slope 0.6/mm
+
+
+def test_nan_displacement_does_not_move_and_backpropagates():
+    """A diverged field (NaN) must not crash the backward pass (grid_sample's CPU kernel does on NaN)."""
+    import torch
+
+    from ddm4d.warp import warp
+
+    image = torch.rand(1, 1, 8, 8, requires_grad=True)
+    phi = torch.zeros(1, 2, 8, 8)
+    phi[0, 0, 3, 4] = float("nan")
+    phi[0, 1, 2, 2] = 1.0
+    phi.requires_grad_(True)
+    out = warp(image, phi)
+    out.sum().backward()
+    assert torch.isclose(out[0, 0, 3, 4], image[0, 0, 3, 4]) and torch.isclose(out[0, 0, 2, 2], image[0, 0, 2, 3])
+    assert torch.isfinite(phi.grad).all() and phi.grad[0, 0, 3, 4] == 0
+    with torch.no_grad():
+        assert torch.equal(warp(image, phi), out)

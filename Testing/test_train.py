@@ -422,21 +422,25 @@ def test_ema_follows_its_warm_up_ramp_and_decay():
 
 
 def test_training_on_a_small_phantom_makes_the_model_move_towards_the_target(tmp_path, capsys):
-    """A few hundred steps on 2D phantom cines: the trained model's frame at gamma 1 is clearly closer
-    to the true ES frame than the untrained model's, and an identical pair stays (nearly) still."""
+    """600 steps on 2D phantom cines (pairs from every frame, both ways, with in-between frames): the ED
+    labels carried by the trained model match the true ES labels clearly better than the untrained
+    model's (which does not move), and an identical pair stays (nearly) still. A run fed (ED, ED) pairs,
+    or one that does not learn, fails here. Fewer steps were measured to learn nothing yet: pairs from
+    the whole cine have no mean motion to learn first, the code has to carry the target."""
     from ddm4d.generation import generate
     from ddm4d.metrics import dice
     from ddm4d.phantom import make_subject, subject_seed
 
     data = tmp_path / "data"
-    write_dataset(data, n_subjects=4, seed=3, size=(40, 40, 1))
+    write_dataset(data, n_subjects=4, seed=3, size=(64, 64, 1))
     run = tmp_path / "run"
-    code, events, err = train(capsys, data, "--out", run, "--size", 32, 32, "--spacing", 5, 5, "--device", "cpu",
-                              "--iterations", 300, "--lr", 1e-3, "--checkpoint-every", 300, "--validation-fraction", 0)
+    code, events, err = train(capsys, data, "--out", run, "--size", 32, 32, "--spacing", 2.5, 2.5, "--device", "cpu",
+                              "--iterations", 600, "--lr", 2e-3, "--checkpoint-every", 600, "--log-every", 600,
+                              "--validation-fraction", 0)
     assert code == 0, err
     trained = load_model(run / "model.safetensors")
     untrained = DDM(trained.config)
-    subject = make_subject(subject_seed(11, 1), size=(40, 40, 1))  # not in the training data
+    subject = make_subject(subject_seed(12, 1), size=(64, 64, 1))  # not in the training data
     ed, es = subject.images[0], subject.images[subject.es]
 
     def carried_dice(model):
@@ -446,7 +450,7 @@ def test_training_on_a_small_phantom_makes_the_model_move_towards_the_target(tmp
         return dice(sitk.GetArrayViewFromImage(result.labels[-1]), sitk.GetArrayViewFromImage(subject.labels[subject.es]))["lv_blood_pool"]
 
     before, after = carried_dice(untrained), carried_dice(trained)
-    assert after > before + 0.05, (before, after)
+    assert after > before + 0.1, (before, after)
     still = generate(ed, ed, model=trained, gammas=[1.0], refine=False, mode="forward", device="cpu")
     import SimpleITK as sitk
     motion = np.linalg.norm(sitk.GetArrayViewFromImage(still.fields[0]), axis=-1)

@@ -7,6 +7,7 @@ fraction does not. Writes benchmarks/results/<name>.json and .md.
     python benchmarks/bench.py                      # CPU, 2 threads, 128x128x32
     python benchmarks/bench.py --device cuda        # GPU (bf16 autocast)
     python benchmarks/bench.py --allocator default  # glibc's malloc defaults (the CLI tunes them)
+    python benchmarks/bench.py --cases refine_slice,refine --name refine   # per-case refinement only
 """
 from __future__ import annotations
 
@@ -103,6 +104,8 @@ def case(name: str, size: list[int], device: str, frames: int, repeats: int) -> 
         gflop = 2 * (GMAC_DIFFUSION + frames * GMAC_DEFORM) * scale
     elif name == "generate_files":
         return end_to_end(size, device, frames, repeats)
+    elif name in ("refine", "refine_slice"):
+        return refinement(size if name == "refine" else [128, 128], device)
     else:
         raise ValueError(name)
     step()  # warm-up (allocator, oneDNN primitive cache)
@@ -116,6 +119,31 @@ def case(name: str, size: list[int], device: str, frames: int, repeats: int) -> 
     best = min(times)
     return {"case": name, "seconds_min": best, "seconds_median": float(np.median(times)), "gflop": gflop,
             "gflops": gflop / best, "peak_memory_gib": peak_memory_gib(device)}
+
+
+def refinement(size: list[int], device: str) -> dict:
+    """Per-case refinement (ddm4d.refine, the default of generate) of a pair that differs by a smooth
+    deformation of a few voxels: a 128 x 128 slice or the --size volume (budgets: ~10 s and ~60 s)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ddm4d.refine import refine_velocity
+    from ddm4d.svf import integrate
+    from ddm4d.warp import warp
+
+    torch.manual_seed(0)
+    shape = tuple(reversed(size))
+    pool = F.avg_pool2d if len(shape) == 2 else F.avg_pool3d
+    source = (pool(torch.rand(1, 1, *shape), 5, 1, 2) * 4 - 2).clamp(-1, 1).to(device)
+    coarse = torch.randn(1, len(shape), *[max(2, n // 16) for n in shape]) * 2.0
+    v = F.interpolate(coarse, size=shape, mode="bilinear" if len(shape) == 2 else "trilinear", align_corners=True)
+    target = warp(source, integrate(v.to(device)))
+    spacing = [1.5, 1.5] if len(shape) == 2 else [3.15, 1.5, 1.5]
+    t = time.perf_counter()
+    result = refine_velocity(source, target, spacing)
+    seconds = time.perf_counter() - t
+    return {"case": f"refine {' x '.join(map(str, size))}", "seconds_min": seconds,
+            "objective_per_level": result.objective, "peak_memory_gib": peak_memory_gib(device)}
 
 
 def end_to_end(size: list[int], device: str, frames: int, repeats: int) -> dict:
@@ -197,7 +225,7 @@ def main() -> None:
     p.add_argument("--size", type=int, nargs=3, default=[128, 128, 32], metavar=("X", "Y", "Z"))
     p.add_argument("--frames", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--cases", default="generate,train,generate_files")
+    p.add_argument("--cases", default="generate,train,generate_files,refine_slice,refine")
     p.add_argument("--allocator", choices=("tuned", "default"), default="tuned",
                    help="tuned: as the ddm4d CLI runs (ddm4d.allocator); default: glibc's malloc settings")
     p.add_argument("--name", default=None, help="results file name (default: device and size)")

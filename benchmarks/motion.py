@@ -52,7 +52,7 @@ GAPS = (4, 6, 8)
 UNSEEN_SEED = 7  # the bundled models were trained on seed 0 and checked on seed 1
 DICE_STRUCTURES = ("lv_blood_pool", "lv_myocardium", "rv")
 METHODS = ("initial", "blend", "demons", "symmetric demons", "forward", "symmetric", "forward+refine",
-           "symmetric+refine", "refine only forward", "refine only symmetric")
+           "symmetric+refine", "symmetric+refine model pace", "refine only forward", "refine only symmetric")
 
 
 @dataclass
@@ -97,6 +97,7 @@ def phantom_cases(dims: int, subjects: int, seed: int = UNSEEN_SEED) -> list[Cas
 
 
 REFINE = RefineConfig()
+MODEL = "default"
 
 
 def run_method(method: str, case: Case, gammas: list[float]) -> Output:
@@ -113,11 +114,12 @@ def run_method(method: str, case: Case, gammas: list[float]) -> Output:
             from ddm4d.geometry import warp_image
             labels = {g: warp_image(case.source_labels, f, "nearest", 0) for g, f in zip(gammas, fields)}
         return Output(dict(zip(gammas, frames)), dict(zip(gammas, fields)), labels, seconds=time.perf_counter() - t0)
-    refine = method.endswith("refine") or method.startswith("refine only")
+    refine = "refine" in method
     mode = "symmetric" if "symmetric" in method else "forward"
-    model = "none" if method.startswith("refine only") else "default"
+    model = "none" if method.startswith("refine only") else MODEL
     result = generate(case.source, case.target, model=model, gammas=gammas, mode=mode, refine=refine,
-                      seg=case.source_labels, device="cpu", refine_config=REFINE)
+                      seg=case.source_labels, device="cpu", refine_config=REFINE,
+                      model_timing=method.endswith("model pace"))
     seconds = time.perf_counter() - t0
     labels = dict(zip(gammas, result.labels)) if result.labels else {}
     return Output(dict(zip(gammas, result.frames)), dict(zip(gammas, result.fields)), labels,
@@ -190,6 +192,7 @@ def main(argv=None) -> int:
     parser.add_argument("--subjects3d", type=int, default=4)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "motion"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", default="default", help="model of the DDM methods (default: the bundled one)")
     parser.add_argument("--refine-config", default="{}", metavar="JSON",
                         help='RefineConfig fields to change, e.g. \'{"smoothness": 5}\'')
     args = parser.parse_args(argv)
@@ -199,7 +202,8 @@ def main(argv=None) -> int:
                                 ours=lambda r: isinstance(r, dict) and {"methods", "groups"} <= r.keys())
     except InputError as err:
         parser.error(str(err))
-    global REFINE
+    global REFINE, MODEL
+    MODEL = args.model
     REFINE = dataclasses.replace(RefineConfig(), **{k: tuple(v) if isinstance(v, list) else v
                                                    for k, v in json.loads(args.refine_config).items()})
     torch.set_num_threads(args.threads)
@@ -220,7 +224,7 @@ def main(argv=None) -> int:
             groups["phantom3d"] = phantom_cases(3, args.subjects3d)
         else:
             parser.error(f"unknown case group {name}")
-    results: dict = {"methods": methods, "refine_config": dataclasses.asdict(REFINE), "groups": {}}
+    results: dict = {"methods": methods, "model": MODEL, "refine_config": dataclasses.asdict(REFINE), "groups": {}}
     for group, cases in groups.items():
         results["groups"][group] = {}
         for method in methods:

@@ -79,7 +79,25 @@ def _make_public_folder(path: Path) -> None:
 
 
 def process_alive(pid: int) -> bool:
-    """A live process on this machine (a zombie, killed but not yet reaped, counts as dead)."""
+    """A live process on this machine (a zombie, killed but not yet reaped, counts as dead).
+
+    psutil (a dependency) on every platform; without it, signal 0 where that only probes (POSIX: on
+    Windows os.kill would end the process)."""
+    if pid <= 0:
+        return False
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+        except psutil.AccessDenied:
+            return True
+    if os.name == "nt":
+        return True  # cannot tell safely: assume alive, so nothing of a running process is touched
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

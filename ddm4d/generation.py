@@ -309,6 +309,8 @@ def fit_pair(net, source: np.ndarray, target: np.ndarray, steps: int, device: to
         step_t = torch.randint(0, max_t, (1,), device=device)
         with autocast(device):
             loss = net.training_losses(a, b, t=step_t)["loss"]
+        if not torch.isfinite(loss):  # diverged (too large a fit_lr): keep the best weights so far
+            break
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -114,6 +114,10 @@ def refine_velocity(source: torch.Tensor, target: torch.Tensor, spacing: Sequenc
         with torch.no_grad():
             if float(full(start)) < float(full(zero)):
                 v, origin = start.detach().float(), "model"
+    finest = min(spacing)
+    frozen = [i for i, sp in enumerate(spacing) if sp > config.thick_slice_ratio * finest]
+    keep = torch.ones(1, ndim, *([1] * ndim), device=source.device)
+    keep[:, frozen] = 0.0
     objective: list[float] = []
     levels, level_steps = (config.levels, config.steps) if ndim == 2 else (config.levels_3d, config.steps_3d)
     total = max(1, sum(level_steps))
@@ -124,6 +128,8 @@ def refine_velocity(source: torch.Tensor, target: torch.Tensor, spacing: Sequenc
         s_l, t_l = resize_image(source, size), resize_image(target, size)
         loss_fn = _Objective(s_l, t_l, level_spacing, config, symmetric)
         v_l = resize_field(v, size).detach().clone().requires_grad_(True)
+        if frozen:
+            v_l.register_hook(lambda grad: grad * keep)
         optimizer = torch.optim.Adam([v_l], lr=config.lr)
         loss = None
         for _ in range(steps):

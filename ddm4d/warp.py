@@ -37,10 +37,12 @@ def warp(image: torch.Tensor, phi: torch.Tensor, mode: str = "bilinear", padding
     scale = torch.tensor([2.0 / max(s - 1, 1) for s in reversed(sizes)], device=phi.device)
     base = identity_grid(sizes, phi.device).movedim(0, -1).flip(-1) * scale - 1.0
     offsets = phi.float().movedim(1, -1).flip(-1)
+    # a NaN displacement (a diverged fit) would reach grid_sample, whose CPU backward crashes the
+    # process on NaN coordinates (torch 2.13): such voxels do not move, and get no gradient
     if offsets.requires_grad and torch.is_grad_enabled():
-        grid = torch.addcmul(base, offsets, scale)
+        grid = torch.addcmul(base, torch.nan_to_num(offsets, nan=0.0), scale)
     else:
-        grid = offsets.mul_(scale).add_(base)
+        grid = torch.nan_to_num_(offsets, nan=0.0).mul_(scale).add_(base)
     return F.grid_sample(image.float(), grid, mode=mode, padding_mode=padding_mode, align_corners=True)
 
 

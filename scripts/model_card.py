@@ -129,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     last_loss = iterations[-1]["loss"] if iterations else None
     kind = "single-slice (2D)" if dims == 2 else "3D"
     n_train, n_val = len(subjects.get("train", [])), len(subjects.get("validation", []))
+    pairs = run.get("pairs", "ed-es")
+    pairs_text = ("pairs i -> j drawn from every frame of each cine (both directions, 10% identical pairs), "
+                  f"a real in-between frame as supervision at its time (weight {cfg.get('inbetween_weight', 1.0):g})"
+                  if pairs == "cine" else "pairs ED -> ES (the paper's)")
 
     lines = [
         f"# Model card: `{args.model.name}`",
@@ -151,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         "## Training",
         "",
         f"- Data: `{args.train_data_command}`: synthetic 4D cardiac cine MR with labels on every frame; "
-        f"pairs ED -> ES; {n_train} training and {n_val} validation subjects (split by the run, seed {run.get('seed')}).",
+        f"{pairs_text}; {n_train} training and {n_val} validation subjects (split by the run, seed {run.get('seed')}).",
         f"- Command: `{args.train_command}`",
         f"- Iterations: {done.get('iteration', info.get('iteration', 'unknown'))} of {run.get('total_iterations')} "
         f"({run.get('epochs')} epochs of {run.get('iterations_per_epoch')} iterations), batch size {cfg['batch_size']}, "
@@ -177,14 +181,17 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "PSNR/NMSE: generated frames 2..n against the true frames inside the model's field of view, "
         "intensities mapped with the ED frame's range to [-1, 1]; NMSE is the plain ratio (not the paper's "
-        "unexplained x1e-8 scale). Dice: the ED labels carried to ES. Mean ± standard deviation over subjects.",
+        "unexplained x1e-8 scale). Dice: the ED labels carried to ES. Mean ± standard deviation over subjects. "
+        "The model alone, forward (the paper's protocol, `ddm4d generate --mode forward --no-refine`); the "
+        "default path of `ddm4d generate` is measured in the README.",
         "",
         "## Limitations",
         "",
-        "- Trained on synthetic phantom data only. It has never seen a real scan: on real cine MR expect "
-        "the motion to be plausible in shape but not accurate. For real scans, refine it on the pair with "
-        "`ddm4d generate ... --fit-steps 200` (per-case fitting), or train your own model "
-        "(`ddm4d train YOUR_DATA --out RUN`; `--init` this file to start from it).",
+        "- Trained on synthetic phantom data only. It has never seen a real scan. That is why `ddm4d "
+        "generate` refines the path on every pair by default (started from this model's field, or from no "
+        "motion where that fits the pair better; `--no-refine` uses the model alone): see the README, "
+        "\"Motion on real scans\". For your own data, train your own model (`ddm4d train YOUR_DATA --out RUN`; "
+        "`--init` this file to start from it).",
         "- The phantom is a short-axis bSSFP-like cine: other contrasts, orientations or anatomies are out of "
         "its range.",
         f"- Only the {fov} mm field of view (centred on the image, or on `--center`) moves: the "

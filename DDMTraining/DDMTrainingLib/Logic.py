@@ -13,6 +13,7 @@ import sys
 import tempfile
 
 from DDMInterpolationLib import processEnvironment  # one child-process environment for both modules
+from ddm4d.files import process_alive  # torch-free: the same live-process check as ddm4d train's lock
 
 from . import Constants as C
 from .LossCurves import LossCurves
@@ -227,7 +228,7 @@ class DDMTrainingLogic:
         state.lockPid, state.lockHost = _readLock(os.path.join(runDirectory, C.LOCK_FILE))
         if state.lockPid is not None:
             otherHost = state.lockHost is not None and state.lockHost != socket.gethostname()
-            state.lockAlive = otherHost or _pidAlive(state.lockPid)
+            state.lockAlive = otherHost or process_alive(state.lockPid)
         return state
 
     def runSettings(self, runDirectory):
@@ -448,26 +449,3 @@ def _readLock(path):
     if not words or not words[0].isdigit():
         return None, None
     return int(words[0]), (words[1] if len(words) > 1 else None)
-
-
-def _pidAlive(pid):
-    if pid <= 0:
-        return False
-    try:
-        import psutil
-        if not psutil.pid_exists(pid):
-            return False
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except ImportError:
-        pass
-    except Exception:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    return True
