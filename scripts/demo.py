@@ -222,7 +222,9 @@ def run(args) -> int:
     cli = ["ddm4d", "generate", "--source", str(ed), "--target", str(es), "--seg", str(ed_gt),
            "--frames", str(n), "--model", args.model if args.model == "default" else str(model_path),
            "--device", args.device, "--out", str(generated)]
-    print(f"[2/4] generating {n} frames ED -> ES with DDM; the same from the command line:\n      {shlex.join(cli)}")
+    from ddm4d.config import DEFAULT_MODE, DEFAULT_REFINE
+    print(f"[2/4] generating {n} frames ED -> ES with DDM ({DEFAULT_MODE}, per-case refinement "
+          f"{'on' if DEFAULT_REFINE else 'off'}: the defaults); the same from the command line:\n      {shlex.join(cli)}")
     t = time.perf_counter()
     result = generate(data.source, data.target, model=str(model_path), frames=n, seg=data.labels[0],
                       device=args.device)
