@@ -53,6 +53,7 @@ from .config import DDMConfig
 from .errors import InputError
 from .geometry import ModelMapping, make_model_grid, resample_to_reference, same_geometry
 from .metrics import STRUCTURE_NAMES, dice, ejection_fraction, label_volumes_ml, mse, nmse, psnr_from_mse
+from .plotting import figure, save_png
 
 __all__ = ["METHODS", "evaluate", "parse_methods", "add_arguments", "main"]
 
@@ -482,16 +483,6 @@ def _tests_markdown(statistics: dict[str, Any]) -> list[str]:
 
 # ------------------------------------------------------------------------------------------ plots
 
-def _figure(width: float, height: float):
-    """A matplotlib Figure on the Agg canvas: no pyplot, no global backend switch (safe in Slicer)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def _boxplot(ax, subjects, methods, metric: str, title: str) -> None:
     data, names = [], []
     for method in methods:
@@ -518,21 +509,21 @@ def _has_tick_labels() -> bool:
 
 def plot_boxplots(path: Path, subjects, methods) -> None:
     """Fig. 4 of the paper: PSNR, NMSE and (total) Dice per method over subjects."""
-    fig = _figure(12, 4)
+    fig = figure(12, 4)
     panels = (("psnr_db", "PSNR (dB)"), ("nmse", "NMSE (ratio)"), ("dice_total", "Dice total (ES)"))
     for i, (metric, title) in enumerate(panels, start=1):
         _boxplot(fig.add_subplot(1, len(panels), i), subjects, methods, metric, title)
     fig.tight_layout()
-    files.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=PLOT_DPI))
+    save_png(fig, path, dpi=PLOT_DPI)
 
 
 def plot_dice(path: Path, subjects, methods) -> None:
     """Dice at ES per structure and method."""
-    fig = _figure(4 * len(STRUCTURE_NAMES), 4)
+    fig = figure(4 * len(STRUCTURE_NAMES), 4)
     for i, (key, name) in enumerate(STRUCTURE_NAMES.items(), start=1):
         _boxplot(fig.add_subplot(1, len(STRUCTURE_NAMES), i), subjects, methods, f"dice_{key}", f"Dice {name} (ES)")
     fig.tight_layout()
-    files.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=PLOT_DPI))
+    save_png(fig, path, dpi=PLOT_DPI)
 
 
 def _psnr_curve(subjects, method: str, grid: np.ndarray) -> np.ndarray:
@@ -548,7 +539,7 @@ def plot_psnr_vs_frame(path: Path, subjects, methods) -> None:
     """PSNR of each generated frame against its phase between ED and ES, mean over subjects."""
     n_max = max(s["n_frames"] for s in subjects)
     grid = np.linspace(0.0, 1.0, n_max)[1:]
-    fig = _figure(6.5, 4)
+    fig = figure(6.5, 4)
     ax = fig.add_subplot(1, 1, 1)
     for method in methods:
         curve = _psnr_curve(subjects, method, grid)
@@ -559,7 +550,7 @@ def plot_psnr_vs_frame(path: Path, subjects, methods) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    files.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=PLOT_DPI))
+    save_png(fig, path, dpi=PLOT_DPI)
 
 
 # ------------------------------------------------------------------------------------------ output

@@ -669,12 +669,10 @@ def _write_volumes(result: GenerationResult, tmp: Path, final: Path) -> dict[str
     files.write_text(tmp / "volumes.csv", table.getvalue())
     first, last = volumes[0]["lv_blood_pool"], volumes[-1]["lv_blood_pool"]
     ef = (first - last) / first if first > 0 else None
-    import matplotlib
+    from .plotting import figure, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = figure(6, 3.5)
+    ax = fig.subplots()
     for key in VOLUME_STRUCTURES:
         ax.plot(result.gammas, [v[key] for v in volumes], marker="o", label=STRUCTURE_NAMES[key])
     ax.set_xlabel("gamma (source to target)")
@@ -685,8 +683,7 @@ def _write_volumes(result: GenerationResult, tmp: Path, final: Path) -> dict[str
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    files.atomic_write(tmp / "volumes.png", lambda path: fig.savefig(path, format="png", dpi=100))
-    plt.close(fig)
+    save_png(fig, tmp / "volumes.png", dpi=100)
     return {"volumes_ml": volumes, "ejection_fraction": ef, "volumes_csv": str(final / "volumes.csv"),
             "volumes_png": str(final / "volumes.png")}
 

@@ -1049,9 +1049,9 @@ def save_montage(subject_or_dir, png_path, n_columns: int = 8) -> Path:
     (bottom), so a person can check at a glance that the phantom looks and moves like cine MR.
 
     Accepts a PhantomSubject, a patient folder or a data-set folder (its first patient)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import ListedColormap
-    from matplotlib.figure import Figure
+
+    from .plotting import figure as new_figure, save_png
 
     if isinstance(subject_or_dir, PhantomSubject):
         s = subject_or_dir
@@ -1071,8 +1071,7 @@ def save_montage(subject_or_dir, png_path, n_columns: int = 8) -> Path:
     high = float(np.percentile(images, 99.5)) or 1.0
     colours = ListedColormap([(0, 0, 0, 0), (0.2, 0.5, 1, 0.45), (0.1, 0.9, 0.2, 0.45), (1, 0.2, 0.2, 0.45)])
 
-    figure = Figure(figsize=(2.0 * len(frames), 4.3), dpi=110)
-    FigureCanvasAgg(figure)
+    figure = new_figure(2.0 * len(frames), 4.3, dpi=110)
     axes = figure.subplots(2, len(frames), squeeze=False)
     for column, t in enumerate(frames):
         tag = " (ED)" if t == ed else " (ES)" if t == es else ""
@@ -1086,8 +1085,7 @@ def save_montage(subject_or_dir, png_path, n_columns: int = 8) -> Path:
     figure.suptitle(f"{title}: slice {mid + 1}; labels RV blue, myocardium green, LV red", fontsize=9)
     figure.tight_layout()
     png_path = _check_png_path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    return files.atomic_write(png_path, lambda path: figure.savefig(path, format="png"))
+    return save_png(figure, png_path)
 
 
 def _check_png_path(png_path) -> Path:

@@ -692,11 +692,9 @@ def load_latest_state(folder: Path, model, optimizer, ema, device,
 def save_loss_curve(path: Path, history: list[tuple[int, float, float]],
                     validation: list[tuple[int, float, float]]) -> None:
     """Training and validation loss and NCC against iteration, written atomically (no pyplot state)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from .plotting import figure, save_png
 
-    fig = Figure(figsize=(8, 5.5), dpi=100)
-    FigureCanvasAgg(fig)
+    fig = figure(8, 5.5, dpi=100)
     ax_loss, ax_ncc = fig.subplots(2, 1, sharex=True)
     if history:
         it, loss, ncc = zip(*history)
@@ -713,7 +711,7 @@ def save_loss_curve(path: Path, history: list[tuple[int, float, float]],
     for ax in (ax_loss, ax_ncc):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    save_png(fig, path)
 
 
 def _history_from_log(log_path: Path, upto: int) -> tuple[list, list, list[str]]:
