@@ -61,7 +61,7 @@ def peak_memory_gib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB -> GiB on Linux
 
 
-def case(name: str, size: list[int], device: str, frames: int, repeats: int) -> dict:
+def case(name: str, size: list[int], device: str, frames: int, repeats: int, precision: str = "auto") -> dict:
     """Runs inside a child process: one measurement, printed as JSON."""
     import numpy as np
     import torch
@@ -82,7 +82,7 @@ def case(name: str, size: list[int], device: str, frames: int, repeats: int) -> 
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
 
         def step():
-            with autocast(dev):
+            with autocast(dev, precision=precision):  # training: bf16 on the CPU only when asked for
                 loss = model.training_losses(source, target)["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -98,12 +98,12 @@ def case(name: str, size: list[int], device: str, frames: int, repeats: int) -> 
         gammas = torch.linspace(0, 1, frames)
 
         def step():
-            with autocast(dev):
+            with autocast(dev, precision=precision, cpu_auto=True):  # as ddm4d.generate
                 model.generate(source, target, gammas)
 
         gflop = 2 * (GMAC_DIFFUSION + frames * GMAC_DEFORM) * scale
     elif name == "generate_files":
-        return end_to_end(size, device, frames, repeats)
+        return end_to_end(size, device, frames, repeats, precision)
     elif name in ("refine", "refine_slice"):
         return refinement(size if name == "refine" else [128, 128], device)
     else:
@@ -146,13 +146,13 @@ def refinement(size: list[int], device: str) -> dict:
             "objective_per_level": result.objective, "peak_memory_gib": peak_memory_gib(device)}
 
 
-def end_to_end(size: list[int], device: str, frames: int, repeats: int) -> dict:
+def end_to_end(size: list[int], device: str, frames: int, repeats: int, precision: str = "auto") -> dict:
     """`ddm4d generate` from NIfTI files to written outputs, with a (random-weight) model file."""
     with tempfile.TemporaryDirectory(prefix="ddm4d-bench-") as folder:  # its own files, removed after
-        return _generate_files(Path(folder), size, device, frames, repeats)
+        return _generate_files(Path(folder), size, device, frames, repeats, precision)
 
 
-def _generate_files(tmp: Path, size, device: str, frames: int, repeats: int) -> dict:
+def _generate_files(tmp: Path, size, device: str, frames: int, repeats: int, precision: str = "auto") -> dict:
     import numpy as np
     import SimpleITK as sitk
     import torch
@@ -174,7 +174,7 @@ def _generate_files(tmp: Path, size, device: str, frames: int, repeats: int) -> 
         t = time.perf_counter()
         # the model path (the paper's forward mode); refinement, on by default, is timed by the refine cases
         r = generate(tmp / "s.nii.gz", tmp / "t.nii.gz", model=tmp / "m.safetensors", frames=frames, device=device,
-                     mode="forward", refine=False)
+                     mode="forward", refine=False, precision=precision)
         rep = r.write(tmp / "out", quicklook=False)
         times.append(time.perf_counter() - t)
         parts.append(rep["timings_s"])
@@ -185,7 +185,7 @@ def _generate_files(tmp: Path, size, device: str, frames: int, repeats: int) -> 
 
 def run_child(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", name, "--device", args.device, "--threads", str(args.threads),
-           "--allocator", args.allocator, "--frames", str(args.frames), "--repeats", str(args.repeats), "--size", *map(str, args.size)]
+           "--allocator", args.allocator, "--precision", args.precision, "--frames", str(args.frames), "--repeats", str(args.repeats), "--size", *map(str, args.size)]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     if out.returncode:
         raise SystemExit(f"benchmark case {name} failed:\n{out.stderr}")
@@ -206,7 +206,8 @@ def matmul_gflops_child(args) -> float:
 def markdown(report: dict) -> str:
     lines = [f"# ddm4d benchmark: {report['machine']}", "",
              f"size {' x '.join(map(str, report['size']))}, device {report['device']}, threads {report['threads']}, "
-             f"torch {report['torch']}, {report['frames']} frames, allocator {report.get('allocator', 'default')}", "",
+             f"torch {report['torch']}, {report['frames']} frames, allocator {report.get('allocator', 'default')}, "
+             f"precision {report.get('precision', 'fp32')}", "",
              "| case | time (s) | GFLOP/s | matmul GFLOP/s after | fraction of matmul | peak memory (GiB) |",
              "|---|---|---|---|---|---|"]
     for r in report["results"]:
@@ -230,6 +231,9 @@ def main() -> None:
     p.add_argument("--cases", default="generate,train,generate_files,refine_slice,refine")
     p.add_argument("--allocator", choices=("tuned", "default"), default="tuned",
                    help="tuned: as the ddm4d CLI runs (ddm4d.allocator); default: glibc's malloc settings")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto: as ddm4d runs (generation in bf16 on GPUs and CPUs with native bf16; training in "
+                        "bf16 on GPUs); fp32 or bf16 for every case")
     p.add_argument("--name", default=None, help="results file name (default: device and size)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -241,7 +245,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     if args.child:
-        print(json.dumps(case(args.child, args.size, args.device, args.frames, args.repeats)))
+        print(json.dumps(case(args.child, args.size, args.device, args.frames, args.repeats, args.precision)))
         return
     name = args.name or f"{args.device.split(':')[0]}_{'x'.join(map(str, args.size))}"
     out = HERE / "results"
@@ -253,7 +257,7 @@ def main() -> None:
     results = [run_child(name, args) for name in args.cases.split(",")]
     machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     report = {"machine": machine, "device": args.device, "threads": args.threads, "size": args.size,
-              "frames": args.frames, "allocator": args.allocator, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
+              "frames": args.frames, "allocator": args.allocator, "precision": args.precision, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
               "results": results}
     files.write_text(out / f"{name}.json", json.dumps(report, indent=2))
     files.write_text(out / f"{name}.md", markdown(report))

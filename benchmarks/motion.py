@@ -98,6 +98,7 @@ def phantom_cases(dims: int, subjects: int, seed: int = UNSEEN_SEED) -> list[Cas
 
 REFINE = RefineConfig()
 MODEL = "default"
+PRECISION = "fp32"  # the networks' passes; --precision
 
 
 def run_method(method: str, case: Case, gammas: list[float]) -> Output:
@@ -118,7 +119,7 @@ def run_method(method: str, case: Case, gammas: list[float]) -> Output:
     mode = "symmetric" if "symmetric" in method else "forward"
     model = "none" if method.startswith("refine only") else MODEL
     result = generate(case.source, case.target, model=model, gammas=gammas, mode=mode, refine=refine,
-                      seg=case.source_labels, device="cpu", refine_config=REFINE,
+                      seg=case.source_labels, device="cpu", refine_config=REFINE, precision=PRECISION,
                       model_timing=method.endswith("model pace"))
     seconds = time.perf_counter() - t0
     labels = dict(zip(gammas, result.labels)) if result.labels else {}
@@ -192,6 +193,8 @@ def main(argv=None) -> int:
     parser.add_argument("--subjects3d", type=int, default=4)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "motion"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16"),
+                        help="the networks' passes (default fp32; bf16 to measure its tolerance)")
     parser.add_argument("--model", default="default", help="model of the DDM methods (default: the bundled one)")
     parser.add_argument("--refine-config", default="{}", metavar="JSON",
                         help='RefineConfig fields to change, e.g. \'{"smoothness": 5}\'')
@@ -202,8 +205,8 @@ def main(argv=None) -> int:
                                 ours=lambda r: isinstance(r, dict) and {"methods", "groups"} <= r.keys())
     except InputError as err:
         parser.error(str(err))
-    global REFINE, MODEL
-    MODEL = args.model
+    global REFINE, MODEL, PRECISION
+    MODEL, PRECISION = args.model, args.precision
     REFINE = dataclasses.replace(RefineConfig(), **{k: tuple(v) if isinstance(v, list) else v
                                                    for k, v in json.loads(args.refine_config).items()})
     torch.set_num_threads(args.threads)
@@ -224,7 +227,7 @@ def main(argv=None) -> int:
             groups["phantom3d"] = phantom_cases(3, args.subjects3d)
         else:
             parser.error(f"unknown case group {name}")
-    results: dict = {"methods": methods, "model": MODEL, "refine_config": dataclasses.asdict(REFINE), "groups": {}}
+    results: dict = {"methods": methods, "model": MODEL, "precision": PRECISION, "refine_config": dataclasses.asdict(REFINE), "groups": {}}
     for group, cases in groups.items():
         results["groups"][group] = {}
         for method in methods:
