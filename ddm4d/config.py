@@ -22,7 +22,8 @@ MODES = ("symmetric", "forward")
 MODE_ALIASES = {"bidirectional": "symmetric"}  # the old name of symmetric generation
 DEFAULT_MODE = "symmetric"
 DEFAULT_REFINE = True  # per-case refinement of the path (ddm4d.refine), started from the model
-DEFAULT_MODEL_TIMING = False  # True: refined frames follow the model's pace; measured worse (phantom 2D: 29.87 against 30.01 dB)
+# True: refined frames follow the model's own pace along the path; measured worse (phantom 2D 29.87 vs 30.01 dB)
+DEFAULT_MODEL_TIMING = False
 
 
 @dataclass
