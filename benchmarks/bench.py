@@ -244,6 +244,10 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"bench.py: no CUDA GPU here (torch {torch.__version__}): nothing measured; run it where PyTorch "
+              "sees a GPU")
+        return  # exit 0: a machine without a GPU is not a failure of the benchmark
     if args.child:
         print(json.dumps(case(args.child, args.size, args.device, args.frames, args.repeats, args.precision)))
         return
