@@ -86,10 +86,7 @@ def _scaled(field: sitk.Image, scale: float) -> sitk.Image:
 def demons_frames(source: sitk.Image, target: sitk.Image, gammas: Sequence[float], symmetric: bool = False,
                   config: DemonsConfig = DemonsConfig()) -> tuple[list[sitk.Image], list[sitk.Image]]:
     """Frames on the source grid and the source's fields (gamma times the demons field)."""
-    source = sitk.Cast(source, sitk.sitkFloat32)
-    target = sitk.Cast(target, sitk.sitkFloat32)
-    if not same_geometry(source, target):
-        target = resample_to_reference(target, source, "linear")
+    source, target = _on_source_grid(source, target)
     forward = demons_field(target, source, config)  # source(x + u) ~ target(x)
     backward = demons_field(source, target, config) if symmetric else None
     frames, fields = [], []
@@ -97,10 +94,7 @@ def demons_frames(source: sitk.Image, target: sitk.Image, gammas: Sequence[float
         field = _scaled(forward, g)
         frame = warp_image(source, field, "linear")
         if backward is not None:
-            back = warp_image(target, _scaled(backward, 1.0 - g), "linear")
-            array = (1.0 - g) * sitk.GetArrayViewFromImage(frame) + g * sitk.GetArrayViewFromImage(back)
-            frame = sitk.GetImageFromArray(array.astype(np.float32))
-            frame.CopyInformation(source)
+            frame = cross_fade(frame, warp_image(target, _scaled(backward, 1.0 - g), "linear"), g)
         frames.append(frame)
         fields.append(field)
     return frames, fields
@@ -108,14 +102,20 @@ def demons_frames(source: sitk.Image, target: sitk.Image, gammas: Sequence[float
 
 def linear_blend(source: sitk.Image, target: sitk.Image, gammas: Sequence[float]) -> list[sitk.Image]:
     """(1 - gamma) source + gamma target on the source grid: no motion, a strong PSNR baseline."""
-    source = sitk.Cast(source, sitk.sitkFloat32)
-    target = sitk.Cast(target, sitk.sitkFloat32)
+    source, target = _on_source_grid(source, target)
+    return [cross_fade(source, target, g) for g in gammas]
+
+
+def cross_fade(first: sitk.Image, second: sitk.Image, gamma: float) -> sitk.Image:
+    """(1 - gamma) first + gamma second, voxel by voxel, in float32 (two images on one grid): the
+    blend, and how symmetric methods join the source moved forward with the target moved back."""
+    g = float(gamma)
+    return sitk.Cast(first, sitk.sitkFloat32) * (1.0 - g) + sitk.Cast(second, sitk.sitkFloat32) * g
+
+
+def _on_source_grid(source: sitk.Image, target: sitk.Image) -> tuple[sitk.Image, sitk.Image]:
+    """Both as float32, the target resampled onto the source's grid where it is on another."""
+    source, target = sitk.Cast(source, sitk.sitkFloat32), sitk.Cast(target, sitk.sitkFloat32)
     if not same_geometry(source, target):
         target = resample_to_reference(target, source, "linear")
-    s, t = sitk.GetArrayViewFromImage(source), sitk.GetArrayViewFromImage(target)
-    frames = []
-    for g in gammas:
-        frame = sitk.GetImageFromArray(((1.0 - g) * s + g * t).astype(np.float32))
-        frame.CopyInformation(source)
-        frames.append(frame)
-    return frames
+    return source, target

@@ -25,6 +25,7 @@ import SimpleITK as sitk
 import torch
 
 from . import files
+from .classical import cross_fade
 from .config import (DDMConfig, DEFAULT_MODE, DEFAULT_MODEL_TIMING, DEFAULT_REFINE, MODE_ALIASES, MODES,
                      RefineConfig)
 from .device import PRECISIONS, autocast, check_precision, resolve_device, uses_bf16
@@ -88,8 +89,6 @@ class GenerationResult:
 
 
 # ------------------------------------------------------------------------------------------ the API
-
-
 
 def generate(source, target=None, model: Any = "default", frames: int = 10, gammas: Sequence[float] | None = None,
              fit_steps: int = 0, seg=None, device: str = "auto", mode: str = DEFAULT_MODE,
@@ -190,7 +189,7 @@ def generate(source, target=None, model: Any = "default", frames: int = 10, gamm
         frame = warp_image(mapping.source, fld, "linear")
         if mode == "symmetric":
             back = mapping.field_to_physical(paths.backward[g][0].numpy())
-            frame = _cross_fade(frame, warp_image(mapping.target, back, "linear"), g)
+            frame = cross_fade(frame, warp_image(mapping.target, back, "linear"), g)
         frames_out.append(frame)
         fields_out.append(fld)
         folding.append(folding_fraction(fld, mask=fov))
@@ -546,11 +545,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _cross_fade(forward: sitk.Image, backward: sitk.Image, gamma: float) -> sitk.Image:
-    out = sitk.Cast(forward, sitk.sitkFloat32) * (1.0 - gamma) + sitk.Cast(backward, sitk.sitkFloat32) * gamma
-    return sitk.Cast(out, forward.GetPixelID())
-
-
 def _check_cancel(cancel) -> None:
     if cancel is not None and cancel():
         raise Cancelled("generation cancelled")
@@ -804,16 +798,15 @@ def main(args) -> int:
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        result = generate(args.source, args.target, model=args.model, frames=frames, gammas=gammas,
+        cine = read_cine(args.source) if args.score else None  # read once: generated from and scored against
+        source, target = (args.source, args.target) if cine is None else (cine, None)
+        result = generate(source, target, model=args.model, frames=frames, gammas=gammas,
                           fit_steps=args.fit_steps, seg=args.seg, device=args.device, mode=args.mode,
                           refine=args.refine, center=center, progress=progress, seed=args.seed,
                           chunk_size=args.chunk_size, subtract_gamma0=False if args.no_subtract_gamma0 else None,
                           source_frame=args.source_frame, target_frame=args.target_frame, precision=args.precision)
-    if args.score:
+    if cine is not None:
         from .cine import score_frames
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # read once already: its warnings were shown
-            cine = read_cine(args.source)
         result.score = score_frames(result.frames, result.gammas, cine, args.source_frame, args.target_frame)
     report = result.write(out, quicklook=not args.no_quicklook)
     t = report["timings_s"]

@@ -67,11 +67,13 @@ def logarithm(phi: torch.Tensor, iterations: int = 8, steps: int = INTEGRATION_S
     """A velocity v with exp(v) close to phi: v <- v + (phi - exp(v)) from v = phi, kept while the
     residual shrinks. Used to start a path from a field that a network or a registration produced."""
     v = phi.clone()
-    best, best_error = v, float((integrate(v, steps) - phi).abs().mean())
+    residual = phi - integrate(v, steps)  # one integration per iteration: the residual serves the test and the step
+    error = float(residual.abs().mean())
     for _ in range(iterations):
-        v = v + (phi - integrate(v, steps))
-        error = float((integrate(v, steps) - phi).abs().mean())
-        if not error < best_error:
+        candidate = v + residual
+        candidate_residual = phi - integrate(candidate, steps)
+        candidate_error = float(candidate_residual.abs().mean())
+        if not candidate_error < error:
             break
-        best, best_error = v, error
-    return best
+        v, residual, error = candidate, candidate_residual, candidate_error
+    return v
