@@ -25,4 +25,4 @@ def test_wheel_carries_the_bundled_models_where_bundled_model_path_looks(tmp_pat
     assert bundled == {"ddm_phantom_3d.safetensors", "ddm_phantom_2d.safetensors"}
     for name in bundled:
         assert f"ddm4d/models/{name}" in names and f"ddm4d/models/{name[:-len('.safetensors')]}.md" in names
-    assert {"ddm4d/generation.py", "ddm4d/refine.py", "ddm4d/networks/blocks.py"} <= names
+    assert {"ddm4d/generation.py", "ddm4d/refine.py", "ddm4d/networks/blocks.py", "ddm4d/phantom/__init__.py"} <= names

@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from . import files
-from .errors import InputError
-from .io import write_image
+from .. import files
+from ..errors import InputError
+from ..io import write_image
 
 LABEL_BACKGROUND, LABEL_RV, LABEL_MYOCARDIUM, LABEL_LV = 0, 1, 2, 3
 LABEL_NAMES = {LABEL_RV: "RV cavity", LABEL_MYOCARDIUM: "LV myocardium", LABEL_LV: "LV cavity"}
@@ -1051,7 +1051,7 @@ def save_montage(subject_or_dir, png_path, n_columns: int = 8) -> Path:
     Accepts a PhantomSubject, a patient folder or a data-set folder (its first patient)."""
     from matplotlib.colors import ListedColormap
 
-    from .plotting import figure as new_figure, save_png
+    from ..plotting import figure as new_figure, save_png
 
     if isinstance(subject_or_dir, PhantomSubject):
         s = subject_or_dir
