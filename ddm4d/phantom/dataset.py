@@ -7,11 +7,9 @@ import os
 import re
 from pathlib import Path
 
-import SimpleITK as sitk
-
 from .. import files
 from ..errors import InputError
-from ..io import write_image
+from ..io import write_cine, write_image
 from .defaults import LABEL_NAMES, MAX_PATIENTS, PHANTOM_FORMAT
 from .montage import _check_png_path, save_montage
 from .subject import PhantomSubject, _check_options, _check_seed, _is_int, make_subject, subject_seed
@@ -32,8 +30,8 @@ def write_subject(subject: PhantomSubject, patient_dir: str | os.PathLike) -> Pa
     folder.mkdir(parents=True, exist_ok=True)
     name = folder.name
     files.write_text(folder / "Info.cfg", subject.info_cfg())
-    write_image(sitk.JoinSeries(subject.images), folder / f"{name}_4d.nii.gz")
-    write_image(sitk.JoinSeries(subject.labels), folder / f"{name}_4d_gt.nii.gz")
+    write_cine(subject.images, folder / f"{name}_4d.nii.gz")  # time axis: origin 0, spacing 1
+    write_cine(subject.labels, folder / f"{name}_4d_gt.nii.gz")
     keep = set()
     for index in sorted({subject.ed, subject.es}):
         stem = f"{name}_frame{index + 1:02d}"

@@ -20,6 +20,8 @@ def _load_patient(folder: Path) -> tuple[np.ndarray, np.ndarray, int, int]:
     info = dict(
         line.split(":", 1) for line in (folder / "Info.cfg").read_text().splitlines() if ":" in line
     )
+    # not io.read_cine: it returns float32, whose 99.5th percentile (the grey window) can differ from
+    # the int16 file's in the last digits, and it refuses a constant label map
     images = sitk.GetArrayFromImage(sitk.ReadImage(str(image_file)))
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(label_file)))
     return images, labels, int(info["ED"]) - 1, int(info["ES"]) - 1
