@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import textwrap
 import time
@@ -237,7 +238,6 @@ def test_a_second_process_on_the_same_run_folder_is_refused(logic, phantomData, 
 
 def test_a_live_lock_file_is_refused_and_a_stale_one_is_not(logic, phantomData, tmp_path):
     """RUN_DIR/.lock holds "pid host" (ddm4d train's RunLock)."""
-    import socket
     run = tmp_path / "run"
     run.mkdir()
     (run / C.LOCK_FILE).write_text(f"{os.getpid()} {socket.gethostname()}\n")  # this test process: alive
@@ -467,6 +467,33 @@ def test_safetensors_metadata_is_read_without_torch(tmp_path):
         readSafetensorsMetadata(tmp_path / "bad.safetensors")
     import ddm4d.checkpoint
     assert C.MODEL_FORMAT == ddm4d.checkpoint.MODEL_FORMAT
+
+
+def test_run_folder_contract_is_the_trainers(logic, tmp_path):
+    """The module reads RUN_DIR through ddm4d.runfolder, as the trainer writes it: the trainer's lock is
+    seen as a live run, the checkpoints it names are listed, every event it can emit is parsed."""
+    from ddm4d import runfolder
+    from ddm4d.training.run import RunLock
+    for name in ("MODEL_FILE", "BEST_MODEL_FILE", "CONFIG_FILE", "CHECKPOINTS_DIRECTORY", "CHECKPOINT_PATTERN",
+                 "LOG_FILE", "LOSS_CURVE_FILE", "LOCK_FILE", "MODEL_FORMAT", "STATE_FORMAT"):
+        assert getattr(C, name) == getattr(runfolder, name), name
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = RunLock(run)
+    lock.acquire(print)
+    state = logic.runState(run)
+    assert (state.lockPid, state.lockHost, state.lockAlive) == (os.getpid(), socket.gethostname(), True)
+    lock.release()
+    assert logic.runState(run).lockPid is None
+    (run / C.CHECKPOINTS_DIRECTORY).mkdir()
+    for iteration in (12, 7):
+        (run / C.CHECKPOINTS_DIRECTORY / runfolder.checkpoint_name(iteration)).write_bytes(b"state")
+    assert [i for i, _ in logic.runState(run).checkpoints] == [7, 12]
+    for name, fields in runfolder.EVENT_FIELDS.items():
+        event = runfolder.check_event({"event": name, **{field: kind() for field, kind in fields.items()}})
+        assert parseEventLine(json.dumps(event)) == event, name
+    with pytest.raises(ValueError, match="lacks"):
+        runfolder.check_event({"event": "checkpoint", "iteration": 3})
 
 
 def test_size_with_one_slice_is_a_2d_grid_and_a_resume_passes_only_what_may_change():

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from ddm4d import runfolder
 from ddm4d.baselines import BaselineModel, load_any_model
 from ddm4d.checkpoint import load_model, load_tensors
 from ddm4d.cli import main as cli
@@ -25,19 +26,6 @@ from ddm4d.phantom import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 GRID_2D = ["--size", "32", "32", "--device", "cpu"]
-EVENT_FIELDS = {
-    "start": {"run_dir": str, "method": str, "device": str, "iteration": int, "total_iterations": int,
-              "epochs": int, "subjects": int, "validation_subjects": int, "config": dict},
-    "iteration": {"iteration": int, "epoch": int, "loss": float, "diffusion": float, "ncc": float,
-                  "smooth": float, "lr": float, "elapsed_s": float, "eta_s": float, "it_per_s": float},
-    "epoch": {"epoch": int, "iteration": int, "loss": float},
-    "checkpoint": {"iteration": int, "path": str},
-    "validation": {"iteration": int, "loss": float, "ncc": float, "best": bool},
-    "done": {"iteration": int, "model": str, "elapsed_s": float, "stopped": bool},
-    "error": {"message": str},
-}
-
-
 @pytest.fixture(scope="module")
 def data2d(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("phantom2d")
@@ -63,7 +51,7 @@ def train(capsys, *args) -> tuple[int, list[dict], str]:
 def check_events(events: list[dict]) -> None:
     """Every event has the documented fields with the documented types."""
     for event in events:
-        fields = EVENT_FIELDS[event["event"]]
+        fields = runfolder.EVENT_FIELDS[event["event"]]  # the contract the Slicer module reads too
         for name, kind in fields.items():
             value = event[name]
             if kind is float:

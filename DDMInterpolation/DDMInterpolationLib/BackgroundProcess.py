@@ -4,13 +4,14 @@ Two reader threads put the child's stdout and stderr lines into a queue; the own
 :meth:`BackgroundProcess.readLines` from wherever it likes (the widget: a ``qt.QTimer``), so the GUI
 never waits on the child. :meth:`cancel` ends the whole process tree.
 """
-import json
 import logging
 import os
 import queue
 import re
 import subprocess
 import threading
+
+from ddm4d.runfolder import json_object  # torch-free
 
 STDOUT = "stdout"
 STDERR = "stderr"
@@ -140,13 +141,8 @@ def parseProgressLine(line):
     match = _PERCENT_LINE.match(line)
     if match:
         return max(0.0, min(1.0, float(match.group(1)) / 100.0)), match.group(2)
-    if not line.startswith("{"):
-        return None
-    try:
-        event = json.loads(line)
-    except ValueError:
-        return None
-    if not isinstance(event, dict):
+    event = json_object(line)
+    if event is None:
         return None
     fraction = event.get("fraction", event.get("progress"))
     if not isinstance(fraction, (int, float)):

@@ -3,6 +3,7 @@
 Hyper-parameter defaults are not here: they come from ``ddm4d.config.DDMConfig`` and the
 ``ddm4d train`` command (see ``Settings.py``), so the GUI always starts from the paper's numbers.
 """
+from ddm4d import runfolder as _runfolder
 
 # The list of model files DDMInterpolation offers (Qt setting, a list of paths). DDMInterpolation
 # defines the same key in its module file (DDMInterpolation.py: SETTINGS_MODEL_PATHS) and
@@ -15,19 +16,20 @@ SETTINGS_GROUP = "DDMTraining"
 
 DEVICES = ("auto", "cpu", "cuda")
 
-# What `ddm4d train` writes into RUN_DIR (see the docstring of ddm4d/train.py)
-MODEL_FILE = "model.safetensors"  # the latest weights (EMA ones with --ema), rewritten at every checkpoint
-BEST_MODEL_FILE = "model_best.safetensors"  # the weights of the best validation loss
-CONFIG_FILE = "config.json"
-CHECKPOINTS_DIRECTORY = "checkpoints"
-CHECKPOINT_PATTERN = r"ckpt_(\d+)\.safetensors"  # training states checkpoints/ckpt_<iteration>.safetensors
-LOG_FILE = "log.jsonl"
-LOSS_CURVE_FILE = "loss_curve.png"
-LOCK_FILE = ".lock"  # "pid host" of the training process
+# What `ddm4d train` writes into RUN_DIR and the events it prints: one owner, ddm4d.runfolder (torch-free),
+# which the trainer imports too, so the two sides cannot drift apart
+MODEL_FILE = _runfolder.MODEL_FILE
+BEST_MODEL_FILE = _runfolder.BEST_MODEL_FILE
+CONFIG_FILE = _runfolder.CONFIG_FILE
+CHECKPOINTS_DIRECTORY = _runfolder.CHECKPOINTS_DIRECTORY
+CHECKPOINT_PATTERN = _runfolder.CHECKPOINT_PATTERN
+LOG_FILE = _runfolder.LOG_FILE
+LOSS_CURVE_FILE = _runfolder.LOSS_CURVE_FILE
+LOCK_FILE = _runfolder.LOCK_FILE
+MODEL_FORMAT = _runfolder.MODEL_FORMAT
+STATE_FORMAT = _runfolder.STATE_FORMAT
+EVENT_FIELDS = _runfolder.REQUIRED_FIELDS  # what a line needs to count as an event
 EXPORTED_MODELS_DIRECTORY = "models"  # models this module exports from checkpoints ("Use this model")
-# file formats (ddm4d.checkpoint.MODEL_FORMAT / STATE_FORMAT, mirrored: that module imports torch)
-MODEL_FORMAT = "ddm4d-model"
-STATE_FORMAT = "ddm4d-training-state"
 
 # Background process
 POLL_INTERVAL_MS = 200  # the widget drains the event queue this often
@@ -35,17 +37,6 @@ STOP_GRACE_S = 60.0  # after SIGINT, time the trainer gets to save a checkpoint 
 KILL_GRACE_S = 5.0  # after terminate, time before kill
 LOG_LINES = 2000  # non-JSON output lines kept in memory
 ERROR_LINES = 20  # last stderr lines kept for lastError()
-
-# Events of `ddm4d train --progress json` and the fields each must carry (one JSON object per line)
-EVENT_FIELDS = {
-    "start": ("run_dir", "iteration", "total_iterations"),
-    "iteration": ("iteration", "loss"),
-    "epoch": ("epoch", "iteration", "loss"),
-    "checkpoint": ("iteration", "path"),
-    "validation": ("iteration", "loss"),
-    "done": ("iteration",),
-    "error": ("message",),
-}
 
 # Loss curves: table columns and the series drawn from them
 COLUMN_ITERATION = "iteration"

@@ -1,33 +1,19 @@
 """The JSON-lines progress of ``ddm4d train --progress json``: parsing, and the state it describes.
 
 One JSON object per stdout line, with an ``"event"`` field (start, iteration, epoch, checkpoint,
-validation, done, error; see ``Constants.EVENT_FIELDS``). Anything else on stdout is log text.
+validation, done, error; see ``ddm4d.runfolder.EVENT_FIELDS``). Anything else on stdout is log text.
 """
-import json
 import math
 
-from .Constants import EVENT_FIELDS
+from ddm4d import runfolder
 
 
 def parseEventLine(line):
-    """The event dict of one output line, or None when the line is not a progress event.
+    """The event dict of one output line, or None when the line is not a progress event (log text).
 
-    A line is an event when it is a JSON object whose ``"event"`` names a known event that carries
-    its required fields; unknown events and malformed objects are treated as log text (None).
-    """
-    text = line.strip()
-    if not text.startswith("{"):
-        return None
-    try:
-        event = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(event, dict):
-        return None
-    name = event.get("event")
-    if name not in EVENT_FIELDS or any(field not in event for field in EVENT_FIELDS[name]):
-        return None
-    return event
+    A line is an event when it is a JSON object whose ``"event"`` names a known event that carries its
+    required fields (``ddm4d.runfolder``, shared with the trainer)."""
+    return runfolder.parse_event(line)
 
 
 def formatDuration(seconds):

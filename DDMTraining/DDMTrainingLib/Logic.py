@@ -7,13 +7,11 @@ message that says what to change, before any process starts.
 import dataclasses
 import json
 import os
-import re
-import socket
 import sys
 import tempfile
 
 from DDMInterpolationLib import processEnvironment  # one child-process environment for both modules
-from ddm4d.files import process_alive  # torch-free: the same live-process check as ddm4d train's lock
+from ddm4d import runfolder  # torch-free: the run folder as ddm4d train writes it
 
 from . import Constants as C
 from .LossCurves import LossCurves
@@ -124,32 +122,9 @@ def pythonExecutable():
     return executable
 
 
-def readSafetensorsMetadata(path):
-    """The JSON metadata of a .safetensors file (values decoded from JSON where they are JSON).
-
-    Reads the header only, with plain Python (no torch, nothing unpickled).
-    :raises ValueError: not a safetensors file.
-    """
-    try:
-        with open(path, "rb") as file:
-            head = file.read(8)
-            if len(head) < 8:
-                raise ValueError(f"{path} is not a safetensors file (too short)")
-            length = int.from_bytes(head, "little")
-            if length <= 0 or length > os.path.getsize(path) - 8:
-                raise ValueError(f"{path} is not a safetensors file")
-            header = json.loads(file.read(length).decode("utf-8"))
-    except OSError as error:
-        raise ValueError(f"cannot read {path}: {error.strerror or error}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ValueError(f"{path} is not a safetensors file") from None
-    metadata = {}
-    for key, value in (header.get("__metadata__") or {}).items():
-        try:
-            metadata[key] = json.loads(value)
-        except (TypeError, ValueError):
-            metadata[key] = value
-    return metadata
+# the JSON metadata of a .safetensors file, read with plain Python (no torch, nothing unpickled);
+# ValueError when it is not one
+readSafetensorsMetadata = runfolder.read_safetensors_metadata
 
 
 class DDMTrainingLogic:
@@ -225,10 +200,8 @@ class DDMTrainingLogic:
             path = os.path.join(runDirectory, name)
             setattr(state, attribute, path if os.path.isfile(path) else None)
         state.checkpoints = checkpointFiles(os.path.join(runDirectory, C.CHECKPOINTS_DIRECTORY))
-        state.lockPid, state.lockHost = _readLock(os.path.join(runDirectory, C.LOCK_FILE))
-        if state.lockPid is not None:
-            otherHost = state.lockHost is not None and state.lockHost != socket.gethostname()
-            state.lockAlive = otherHost or process_alive(state.lockPid)
+        state.lockPid, state.lockHost = runfolder.read_lock(os.path.join(runDirectory, C.LOCK_FILE))
+        state.lockAlive = runfolder.lock_alive(state.lockPid, state.lockHost)
         return state
 
     def runSettings(self, runDirectory):
@@ -427,25 +400,4 @@ class DDMTrainingLogic:
 
 def checkpointFiles(folder):
     """(iteration, path) of each checkpoints/ckpt_<iteration>.safetensors, oldest first."""
-    found = []
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return found
-    for name in names:
-        match = re.fullmatch(C.CHECKPOINT_PATTERN, name)
-        if match:
-            found.append((int(match.group(1)), os.path.join(folder, name)))
-    return sorted(found)
-
-
-def _readLock(path):
-    """(pid, host) from RUN_DIR/.lock ("pid host"); (None, None) when there is none."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as file:
-            words = file.read(4096).split()
-    except OSError:
-        return None, None
-    if not words or not words[0].isdigit():
-        return None, None
-    return int(words[0]), (words[1] if len(words) > 1 else None)
+    return [(iteration, str(path)) for iteration, path in runfolder.checkpoint_files(folder)]

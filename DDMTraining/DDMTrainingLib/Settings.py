@@ -8,12 +8,12 @@ import math
 from typing import Optional
 
 from ddm4d.config import DDMConfig
+from ddm4d.training.options import RUN  # torch-free: the run defaults of ddm4d train
 
 from .Constants import DEVICES
 
 _PAPER = DDMConfig()
-# ddm4d train's default EMA decay (ddm4d.training.RUN.ema; not imported: that module loads torch)
-DEFAULT_EMA = 0.999
+DEFAULT_EMA = RUN.ema  # ddm4d train's default EMA decay
 
 
 @dataclasses.dataclass
