@@ -6,8 +6,8 @@ import torch
 
 pytest.importorskip("voxelmorph", reason="the VM / VM-diff baselines need the voxelmorph package: pip install -e '.[baselines]' (in the test extra)")
 
-from ddm4d.baselines import BaselineModel, load_any_model, model_method, save_baseline  # noqa: E402
-from ddm4d.checkpoint import save_model  # noqa: E402
+from ddm4d.baselines import BaselineModel, save_baseline  # noqa: E402
+from ddm4d.checkpoint import load_any_model, save_model  # noqa: E402
 from ddm4d.config import DDMConfig  # noqa: E402
 from ddm4d.errors import InputError  # noqa: E402
 from ddm4d.model import DDM, Generation  # noqa: E402
@@ -124,7 +124,7 @@ def test_baseline_file_round_trip(tmp_path, method):
         model.network.flow_layer.conv0.weight.normal_(std=0.05)
     path = save_baseline(model, tmp_path / "m.safetensors", iteration=5)
     loaded = load_any_model(path)
-    assert isinstance(loaded, BaselineModel) and model_method(loaded) == method
+    assert isinstance(loaded, BaselineModel) and loaded.method == method
     assert loaded.config == model.config and loaded.info["iteration"] == 5
     for key, value in model.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[key]), key
@@ -137,7 +137,7 @@ def test_load_any_model_dispatches_and_refuses_pickles(tmp_path):
     ddm = DDM(config(2))
     path = save_model(ddm, tmp_path / "ddm.safetensors")
     loaded = load_any_model(path)
-    assert isinstance(loaded, DDM) and model_method(loaded) == "ddm"
+    assert isinstance(loaded, DDM) and loaded.method == "ddm"
     pickle_file = tmp_path / "model.pt"
     torch.save(ddm.state_dict(), pickle_file)  # a pickle/zip checkpoint: must never be read
     with pytest.raises(InputError, match="pickle"):

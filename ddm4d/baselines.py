@@ -1,8 +1,8 @@
 """The paper's baselines, VM and VM-diff, built from the VoxelMorph PyPI package behind DDM's interface.
 
-Why a wrapper: generation and evaluation code takes "a model" and calls ``.config``,
-``.training_losses(source, target)`` and ``.generate(source, target, gammas)``; :class:`BaselineModel`
-answers the same calls as :class:`ddm4d.model.DDM`, so the Table 1 comparison runs one code path.
+Why a wrapper: generation, evaluation and training take "a model" (:class:`ddm4d.interface.Model`);
+:class:`BaselineModel` answers it as :class:`ddm4d.model.DDM` does, so the Table 1 comparison runs one
+code path.
 
 - VM: ``voxelmorph.nn.models.VxmPairwise`` without integration; the frame at gamma warps the source
   with gamma * phi (the registration field scaled, as in the paper).
@@ -21,7 +21,8 @@ are trained on identical inputs with an identical similarity. The constant lambd
 Adam's updates (up to its eps); it keeps the logged losses on DDM's scale.
 
 Model files: safetensors weights + JSON metadata ``{"format": "ddm4d-baseline", "method", "config",
-"integration_steps", "nb_features", "info"}``; nothing is ever unpickled.
+"integration_steps", "nb_features", "info"}``; nothing is ever unpickled. Any model file, DDM's or a
+baseline's, loads with :func:`ddm4d.checkpoint.load_any_model`.
 """
 from __future__ import annotations
 
@@ -32,16 +33,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import MODEL_FORMAT, load_model, load_tensors, read_model_metadata, save_tensors
+from .checkpoint import load_any_model, load_tensors, save_any_model, save_tensors
 from .config import DDMConfig
 from .errors import InputError
+from .interface import Generation, check_one_pair, fields_over_gammas, gamma_tensor
 from .losses import local_ncc, smoothness
-from .model import Generation, deform_chunk_size, gamma_tensor
+from .methods import BASELINE_METHODS
+from .model import deform_chunk_size
 from .networks.blocks import crop_to, pad_to_multiple
 from .warp import warp
 
+# load_any_model, save_any_model and model_method are re-exported for ddm4d.training's imports
+__all__ = ["BASELINE_FORMAT", "VMDIFF_INTEGRATION_STEPS", "BaselineModel", "load_any_model", "load_baseline",
+           "model_method", "save_any_model", "save_baseline", "vxm_features"]
+
 BASELINE_FORMAT = "ddm4d-baseline"
-METHODS = ("vm", "vmdiff")
 #: scaling-and-squaring steps of VM-diff (VoxelMorph's default int_steps)
 VMDIFF_INTEGRATION_STEPS = 7
 
@@ -68,7 +74,7 @@ def _voxelmorph():
 
 
 class BaselineModel(nn.Module):
-    """VM ("vm") or VM-diff ("vmdiff") with the interface of :class:`ddm4d.model.DDM`.
+    """VM ("vm") or VM-diff ("vmdiff"), a :class:`ddm4d.interface.Model` like :class:`ddm4d.model.DDM`.
 
     Shapes: source and target (batch, 1, *spatial) in [-1, 1]; fields (batch, ndim, *spatial) in voxels
     of the model grid, pull, channel i along tensor axis 2 + i.
@@ -77,8 +83,8 @@ class BaselineModel(nn.Module):
     def __init__(self, config: DDMConfig | None = None, method: str = "vm",
                  integration_steps: int | None = None):
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if method not in BASELINE_METHODS:
+            raise ValueError(f"method must be one of {BASELINE_METHODS}, got {method!r}")
         vxm = _voxelmorph()
         self.config = config = config or DDMConfig()
         self.method = method
@@ -144,24 +150,24 @@ class BaselineModel(nn.Module):
 
     # -- inference ----------------------------------------------------------------------------------
     @torch.no_grad()
+    def latent_code(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The network output f (float32): what generation scales by gamma."""
+        return self.network_field(source, target).float()
+
+    @torch.no_grad()
     def generate(self, source: torch.Tensor, target: torch.Tensor, gammas, subtract_gamma0: bool | None = None,
-                 chunk_size: int | None = None) -> Generation:
+                 chunk_size: int | None = None, code: torch.Tensor | None = None) -> Generation:
         """Frames S o phi_gamma: phi_gamma = gamma f (VM) or exp(gamma f) (VM-diff), batched over gamma.
 
         gamma = 0 is the identity for both, so `subtract_gamma0` (DDM's correction) changes nothing and
-        is accepted only for the shared interface. `code` of the result is the network output f.
+        is accepted only for the shared interface. `code` is f from :meth:`latent_code`, reused.
         """
         self._check(source, target)
-        if source.shape[0] != 1:
-            raise ValueError(f"generate takes one source/target pair (batch 1), got batch {source.shape[0]}")
+        check_one_pair(source)
         gammas = gamma_tensor(gammas, source.device)
-        flow = self.network_field(source, target).float()
-        chunk = chunk_size or self.auto_chunk_size(source)
-        fields = []
-        for start in range(0, gammas.numel(), chunk):
-            g = gammas[start:start + chunk].view(-1, *([1] * (source.dim() - 1)))
-            fields.append(self.displacement(g * flow))
-        phi = torch.cat(fields)
+        flow = self.latent_code(source, target) if code is None else code.float()
+        phi = fields_over_gammas(lambda g: self.displacement(g * flow), gammas,
+                                 chunk_size or self.auto_chunk_size(source), source.dim())
         frames = warp(source.float(), phi)
         return Generation(gammas=gammas, frames=frames, fields=phi, code=flow)
 
@@ -183,7 +189,7 @@ def load_baseline(path: str | os.PathLike, device: str | torch.device = "cpu") -
     """A :class:`BaselineModel` from a file written by :func:`save_baseline`, in eval mode."""
     path = Path(path)
     tensors, meta = load_tensors(path, "cpu")
-    if meta.get("format") != BASELINE_FORMAT or meta.get("method") not in METHODS:
+    if meta.get("format") != BASELINE_FORMAT or meta.get("method") not in BASELINE_METHODS:
         raise InputError(f"{path} is not a ddm4d baseline model file; pass one written by "
                          "`ddm4d train --method vm|vmdiff`")
     try:
@@ -196,26 +202,6 @@ def load_baseline(path: str | os.PathLike, device: str | torch.device = "cpu") -
     return model.to(device).eval()
 
 
-def save_any_model(model, path: str | os.PathLike, **info: Any) -> Path:
-    """save_model for a DDM, save_baseline for VM/VM-diff."""
-    if isinstance(model, BaselineModel):
-        return save_baseline(model, path, **info)
-    from .checkpoint import save_model
-    return save_model(model, path, **info)
-
-
-def load_any_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """A DDM or a baseline model, chosen by the file's metadata; pickles are refused before any read."""
-    meta = read_model_metadata(path)
-    kind = meta.get("format")
-    if kind == MODEL_FORMAT:
-        return load_model(path, device)
-    if kind == BASELINE_FORMAT:
-        return load_baseline(path, device)
-    raise InputError(f"{path} is a safetensors file but not a ddm4d model (format {kind!r}); pass a model "
-                     "written by `ddm4d train`")
-
-
 def model_method(model) -> str:
-    """"ddm", "vm" or "vmdiff": DDM models carry no `method` attribute and are DDM implicitly."""
-    return getattr(model, "method", "ddm")
+    """``model.method``; kept for ddm4d.training, which imports it from here."""
+    return model.method

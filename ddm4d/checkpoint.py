@@ -97,3 +97,28 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
         raise InputError(f"{path}: model configuration and weights do not fit this ddm4d ({err})") from None
     model.info = meta.get("info", {})
     return model.to(device).eval()
+
+
+def load_any_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """A DDM or a VM / VM-diff baseline (a :class:`ddm4d.interface.Model`), chosen by the file's "format";
+    pickles are refused before any read."""
+    from .baselines import BASELINE_FORMAT, load_baseline
+
+    kind = read_model_metadata(path).get("format")
+    loaders = {MODEL_FORMAT: load_model, BASELINE_FORMAT: load_baseline}
+    if kind not in loaders:
+        raise InputError(f"{path} is a safetensors file but not a ddm4d model (format {kind!r}); pass a model "
+                         "written by `ddm4d train`")
+    return loaders[kind](path, device)
+
+
+def save_any_model(model, path: str | os.PathLike, **info: Any) -> Path:
+    """Any :class:`ddm4d.interface.Model` in the file format of its `method`: save_model for DDM,
+    ddm4d.baselines.save_baseline for VM / VM-diff."""
+    from .methods import DDM_METHOD
+
+    if model.method == DDM_METHOD:
+        return save_model(model, path, **info)
+    from .baselines import save_baseline
+
+    return save_baseline(model, path, **info)

@@ -52,19 +52,19 @@ from . import __version__, files
 from .config import DDMConfig
 from .errors import InputError
 from .geometry import ModelMapping, make_model_grid, resample_to_reference, same_geometry
+from .methods import DDM_METHOD, EVALUATION_METHODS, MODEL_METHODS
 from .metrics import STRUCTURE_NAMES, dice, ejection_fraction, label_volumes_ml, mse, nmse, psnr_from_mse
 from .plotting import figure, save_png
 
 __all__ = ["METHODS", "evaluate", "parse_methods", "add_arguments", "main"]
 
-#: method key -> name shown in tables and plots, in the order of the paper's table
-METHODS: dict[str, str] = {"initial": "Initial", "linear": "Linear blend", "ddm": "DDM", "vm": "VM",
-                           "vmdiff": "VM-diff"}
+#: method key -> name shown in tables and plots, in the order of the paper's table (ddm4d.methods)
+METHODS: dict[str, str] = EVALUATION_METHODS
 _ALIASES = {"vm-diff": "vmdiff", "vm_diff": "vmdiff", "blend": "linear", "linear-blend": "linear"}
-#: methods that need a model file, and the CLI option that gives it
-MODEL_OPTIONS: dict[str, str] = {"ddm": "--model", "vm": "--vm-model", "vmdiff": "--vmdiff-model"}
+#: methods that need a model file, and the CLI option that gives it: --model for DDM, --vm-model, ...
+MODEL_OPTIONS: dict[str, str] = {m: "--model" if m == DDM_METHOD else f"--{m}-model" for m in MODEL_METHODS}
 DEFAULT_METHODS = ",".join(METHODS)
-REFERENCE_METHOD = "ddm"  # the paired tests compare every other method with this one
+REFERENCE_METHOD = DDM_METHOD  # the paired tests compare every other method with this one
 REGIONS = ("fov", "image")
 
 NORMALISED_RANGE = (-1.0, 1.0)  # the model's input range; PSNR's data_range is its width
@@ -104,10 +104,10 @@ class MethodModel:
 def _load_method_model(method: str, path: Path, device) -> Any:
     """Load by the file's own metadata and check it is the method it was given for (a VM file must
     not pose as DDM: its row of Table 1 would carry the wrong name)."""
-    from .baselines import load_any_model, model_method
+    from .checkpoint import load_any_model
 
     model = load_any_model(path, device)
-    kind = model_method(model)
+    kind = model.method
     if kind != method:
         raise InputError(f"{path} is a {METHODS.get(kind, kind)} model but was given as {MODEL_OPTIONS[method]}; "
                          f"pass it as {MODEL_OPTIONS.get(kind, 'the matching option')}")
@@ -638,7 +638,7 @@ def _settings(data_dir, methods, skipped, models, device, region, warmup, datase
         "dice_structures": {k: v for k, v in STRUCTURE_NAMES.items()},
         "dataset_problems": [str(p) for p in dataset.problems],
         "models": {m: {"path": str(mm.path), "sha256": _sha256(mm.path),
-                       "config": mm.model.config.to_dict() if hasattr(mm.model.config, "to_dict") else None,
+                       "config": mm.model.config.to_dict(),
                        "class": type(mm.model).__name__}
                    for m, mm in models.items()},
         "ddm4d_version": __version__, "python": platform.python_version(),

@@ -32,6 +32,8 @@ from .device import PRECISIONS, autocast, check_precision, resolve_device, uses_
 from .errors import Cancelled, InputError
 from .geometry import (ModelMapping, _check_overlap, folding_fraction, jacobian_determinant, resample_to_reference,
                        same_geometry, to_model_grid, warp_image)
+from .checkpoint import load_any_model
+from .interface import Generation, Model
 from .io import read_cine, read_image, read_info, read_labels, write_cine, write_image
 from .metrics import ACDC_STRUCTURES, STRUCTURE_NAMES, label_volumes_ml
 from .model import DDM
@@ -159,11 +161,12 @@ def generate(source, target=None, model: Any = "default", frames: int = 10, gamm
             net, fit_losses = fit_pair(net, src_arr, tgt_arr, fit_steps, torch_device, seed=seed,
                                        bidirectional=(mode == "symmetric"), progress=report, cancel=cancel)
             timings["fit"] = time.perf_counter() - t
-        gen, used_device, code_s, deform_s = _run_model(net, src_arr, tgt_arr, model_gammas, torch_device,
-                                                        chunk_size, subtract_gamma0, messages, precision)
-        timings["code"], timings["deform"] = code_s, deform_s
-        torch_device = used_device
-        paths = _Paths(mapping, {g: gen.fields[i:i + 1].float().cpu() for i, g in enumerate(model_gammas)})
+        run = _run_model(net, src_arr, tgt_arr, model_gammas, torch_device, chunk_size, subtract_gamma0, messages,
+                         precision)
+        timings["code"], timings["deform"] = run.code_s, run.deform_s
+        torch_device = run.device
+        fields = run.generation.fields
+        paths = _Paths(mapping, {g: fields[i:i + 1].float().cpu() for i, g in enumerate(model_gammas)})
     _check_cancel(cancel)
 
     refinement, timing = None, None
@@ -480,7 +483,7 @@ def _resolve_model(model, spatial_dims: int, fit_steps: int, refine: bool):
                              "or --model none")
         model = path
     if isinstance(model, (str, os.PathLike)):
-        net = _load_model_file(Path(model))
+        net = load_any_model(Path(model), "cpu")
         name = str(model)
     else:
         net, name = model, getattr(model, "name", type(model).__name__)
@@ -492,21 +495,24 @@ def _resolve_model(model, spatial_dims: int, fit_steps: int, refine: bool):
     return net, name
 
 
-def _load_model_file(path: Path):
-    try:
-        from .baselines import load_any_model
-    except ImportError:  # baselines need the optional voxelmorph package only for VM models
-        from .checkpoint import load_model as load_any_model
-    return load_any_model(path, "cpu")
-
-
 def _covering_spacing(source: sitk.Image, size, spacing) -> tuple[float, ...]:
     """For an untrained model: a grid spacing that covers the whole in-plane field of view."""
     extent = [n * s for n, s in zip(source.GetSize(), source.GetSpacing())]
     return tuple(max(sp, extent[i] / n) if i < 2 else sp for i, (n, sp) in enumerate(zip(size, spacing)))
 
 
-def _run_model(net, src_arr, tgt_arr, gammas, device, chunk_size, subtract_gamma0, messages, precision="auto"):
+@dataclass
+class _ModelRun:
+    """A model's generation on the model grid, the device it ran on and the seconds of its two passes."""
+
+    generation: Generation
+    device: torch.device
+    code_s: float
+    deform_s: float
+
+
+def _run_model(net: Model, src_arr, tgt_arr, gammas, device, chunk_size, subtract_gamma0, messages,
+               precision="auto") -> _ModelRun:
     """Latent code + batched deformation; on CUDA out-of-memory retry with smaller chunks, then CPU."""
     while True:
         try:
@@ -523,21 +529,20 @@ def _run_model(net, src_arr, tgt_arr, gammas, device, chunk_size, subtract_gamma
             print(f"ddm4d generate: {messages[-1]}", file=sys.stderr)
 
 
-def _run_on(net, src_arr, tgt_arr, gammas, device, chunk_size, subtract_gamma0, precision="auto"):
+def _run_on(net: Model, src_arr, tgt_arr, gammas, device, chunk_size, subtract_gamma0,
+            precision="auto") -> _ModelRun:
     net = net.to(device).eval()
     s = torch.from_numpy(src_arr)[None, None].to(device)
     t = torch.from_numpy(tgt_arr)[None, None].to(device)
-    has_code = isinstance(net, DDM)
-    options = dict(subtract_gamma0=subtract_gamma0, chunk_size=chunk_size)
     _sync(device)
     t0 = time.perf_counter()
     with autocast(device, precision=precision, cpu_auto=True):
-        code = net.latent_code(s, t) if has_code else None
+        code = net.latent_code(s, t)
         _sync(device)
         t1 = time.perf_counter()
-        gen = net.generate(s, t, gammas, **options, **({"code": code} if has_code else {}))
+        gen = net.generate(s, t, gammas, subtract_gamma0=subtract_gamma0, chunk_size=chunk_size, code=code)
     _sync(device)
-    return gen, device, t1 - t0, time.perf_counter() - t1
+    return _ModelRun(gen, device, t1 - t0, time.perf_counter() - t1)
 
 
 def _sync(device: torch.device) -> None:

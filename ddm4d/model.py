@@ -1,12 +1,14 @@
 """The Diffusion Deformable Model: G_diffuse + G_deform, the training loss and batched generation.
 
+It answers :class:`ddm4d.interface.Model` (method "ddm"), as the VM / VM-diff baselines do.
+
 Shapes: source and target are (batch, 1, *spatial) in [-1, 1], spatial = ([z,] y, x), any sizes (padded
 internally to the networks' stride and cropped back). Fields phi are (batch, ndim, *spatial) in voxels.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,7 +16,9 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import DDMConfig
 from .diffusion import NoiseSchedule
+from .interface import Generation, check_one_pair, fields_over_gammas, gamma_tensor
 from .losses import diffusion_loss, local_ncc, smoothness
+from .methods import DDM_METHOD
 from .networks import DeformationUNet, DiffusionUNet
 from .networks.blocks import crop_to, pad_to_multiple
 from .warp import warp
@@ -32,17 +36,9 @@ DEFORM_BYTES_PER_VOXEL = 400
 CPU_DEFORM_BUDGET_BYTES = int(0.45 * 2**30)
 
 
-def gamma_tensor(gammas, device: torch.device) -> torch.Tensor:
-    """Gammas as a flat float tensor, checked to be a non-empty list of values in [0, 1]."""
-    gammas = torch.as_tensor(gammas, dtype=torch.float32, device=device).flatten()
-    if gammas.numel() == 0 or bool(((gammas < 0) | (gammas > 1)).any()):
-        raise ValueError(f"gammas must be a non-empty list of values in [0, 1], got {gammas.tolist()}")
-    return gammas
-
-
 def deform_chunk_size(source: torch.Tensor) -> int:
-    """How many gammas fit at once: half the free GPU memory, or a CPU budget of 0.45 GiB (at
-    128x128x32 two gammas per chunk ran as fast as three or five, in less peak memory)."""
+    """How many gammas fit at once: half the free GPU memory, or a CPU budget of 0.45 GiB (larger
+    chunks were no faster on the CPU, only heavier)."""
     per_gamma = DEFORM_BYTES_PER_VOXEL * math.prod(source.shape[2:])
     if source.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(source.device)
@@ -56,20 +52,15 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last_3d) if x.dim() == 5 else x
 
 
-@dataclass
-class Generation:
-    """What :meth:`DDM.generate` returns: frames (G, 1, *spatial), fields (G, ndim, *spatial), code."""
-
-    gammas: torch.Tensor
-    frames: torch.Tensor
-    fields: torch.Tensor
-    code: torch.Tensor
-
-
 class DDM(nn.Module):
+    """G_diffuse and G_deform of one configuration; a :class:`ddm4d.interface.Model`."""
+
+    method = DDM_METHOD
+
     def __init__(self, config: DDMConfig | None = None):
         super().__init__()
         self.config = config = config or DDMConfig()
+        self.info: dict[str, Any] = {}
         self.diffusion = DiffusionUNet(
             config.spatial_dims, in_channels=3, out_channels=1, channels=config.diffusion_channels,
             channel_mults=config.channel_mults, res_blocks=config.res_blocks,
@@ -109,7 +100,7 @@ class DDM(nn.Module):
         inputs, sizes = pad_to_multiple(torch.cat([source, target, x_t], dim=1), self.config.stride)
         return crop_to(self.diffusion(_channels_last(inputs), t), sizes)
 
-    def deform(self, source: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    def _deform(self, source: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
         """phi = G_deform([source, code]) for a batch of (scaled) latent codes, in the networks' axis
         order (see _NET_AXES_3D); source may have batch 1."""
         if source.shape[0] == 1 and code.shape[0] > 1:
@@ -152,11 +143,11 @@ class DDM(nn.Module):
             scale = gamma.to(code.dtype).view(-1, *([1] * (code.dim() - 1)))
             codes = torch.cat([code, scale * code])  # one deformation pass for both
             source_twice = torch.cat([source, source])
-        phi_all = self.deform(source_twice if middle is not None else source, codes)
+        phi_all = self._deform(source_twice if middle is not None else source, codes)
         if subtract_gamma0:
             # the zero-code pass is recomputed in backward instead of keeping its activations: the
             # training step's peak memory stays that of the paper's loss (benchmarks/bench.py)
-            phi0 = checkpoint(self.deform, source, torch.zeros_like(code), use_reentrant=False)
+            phi0 = checkpoint(self._deform, source, torch.zeros_like(code), use_reentrant=False)
             phi_all = phi_all - (torch.cat([phi0, phi0]) if middle is not None else phi0)
         phi = phi_all[:batch]
         warped = warp(source, phi)
@@ -190,8 +181,7 @@ class DDM(nn.Module):
         before by :meth:`latent_code` is reused.
         """
         self._check(source, target)
-        if source.shape[0] != 1:
-            raise ValueError(f"generate takes one source/target pair (batch 1), got batch {source.shape[0]}")
+        check_one_pair(source)
         gammas = gamma_tensor(gammas, source.device)
         subtract = self.config.subtract_gamma0 if subtract_gamma0 is None else subtract_gamma0
         if code is None:
@@ -200,13 +190,13 @@ class DDM(nn.Module):
         gammas_run = gammas
         if subtract and not bool((gammas == 0).any()):
             gammas_run = torch.cat([gammas.new_zeros(1), gammas])
-        chunk = chunk_size or self.auto_chunk_size(source)
-        fields = []
         net_source, net_code = self._to_net(source), self._to_net(code)
-        for start in range(0, gammas_run.numel(), chunk):
-            g = gammas_run[start:start + chunk].view(-1, *([1] * (source.dim() - 1)))
-            fields.append(self._field_from_net(self.deform(net_source, g.to(code.dtype) * net_code)).float())
-        phi = torch.cat(fields).contiguous()
+
+        def field_at(g: torch.Tensor) -> torch.Tensor:
+            return self._field_from_net(self._deform(net_source, g.to(code.dtype) * net_code)).float()
+
+        phi = fields_over_gammas(field_at, gammas_run, chunk_size or self.auto_chunk_size(source),
+                                 source.dim()).contiguous()
         if subtract:
             phi = phi - phi[int(torch.nonzero(gammas_run == 0)[0])]
         if gammas_run.numel() != gammas.numel():
