@@ -8,14 +8,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import io
-import json
 import os
 import sys
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -25,26 +21,26 @@ import SimpleITK as sitk
 import torch
 
 from . import files
+from .checkpoint import load_any_model
 from .classical import cross_fade
 from .config import (DDMConfig, DEFAULT_MODE, DEFAULT_MODEL_TIMING, DEFAULT_REFINE, MODE_ALIASES, MODES,
                      RefineConfig)
 from .device import PRECISIONS, autocast, check_precision, resolve_device, uses_bf16
 from .errors import Cancelled, InputError
-from .geometry import (ModelMapping, _check_overlap, folding_fraction, jacobian_determinant, resample_to_reference,
-                       same_geometry, to_model_grid, warp_image)
-from .checkpoint import load_any_model
+from .geometry import ModelMapping, folding_fraction, to_model_grid, warp_image
+from .inputs import as_labels, in_input_dims, read_pair
 from .interface import Generation, Model
-from .io import read_cine, read_image, read_info, read_labels, write_cine, write_image
-from .metrics import ACDC_STRUCTURES, STRUCTURE_NAMES, label_volumes_ml
+from .io import read_cine
+from .metrics import ACDC_STRUCTURES, label_volumes_ml
 from .model import DDM
+from .outputs import VOLUME_STRUCTURES, write_outputs, write_sequence_nrrd
 from .refine import Refinement, _axis_spacing, path_fields, refine_velocity, refinement_grid
 from .svf import compose, invert, logarithm
 
-__all__ = ["generate", "GenerationResult", "fit_pair", "Cancelled", "MODES", "DEFAULT_MODE", "DEFAULT_REFINE"]
+__all__ = ["generate", "GenerationResult", "fit_pair", "Cancelled", "MODES", "DEFAULT_MODE", "DEFAULT_REFINE",
+           "write_sequence_nrrd"]
 
 BUNDLED_MODELS = {3: "ddm_phantom_3d.safetensors", 2: "ddm_phantom_2d.safetensors"}
-# structures whose volume over the frames a cardiologist reads (keys of metrics.ACDC_STRUCTURES)
-VOLUME_STRUCTURES = ("lv_blood_pool", "lv_myocardium", "rv")
 
 
 def bundled_model_path(spatial_dims: int) -> Path | None:
@@ -87,7 +83,7 @@ class GenerationResult:
 
         `out_dir` must be new, empty or hold only an earlier result (ddm4d.files: nothing ddm4d did
         not write is ever deleted); otherwise InputError, before anything is written."""
-        return _write_outputs(self, Path(out_dir), quicklook)
+        return write_outputs(self, Path(out_dir), quicklook)
 
 
 # ------------------------------------------------------------------------------------------ the API
@@ -130,8 +126,8 @@ def generate(source, target=None, model: Any = "default", frames: int = 10, gamm
     gamma_list = _gammas(frames, gammas)
     if int(fit_steps) < 0:
         raise InputError(f"fit steps must be >= 0, got {fit_steps}")
-    source_img, target_img = _inputs(source, target, source_frame, target_frame)
-    labels_img = _as_labels(seg, source_img) if seg is not None else None
+    source_img, target_img = read_pair(source, target, source_frame, target_frame)
+    labels_img = as_labels(seg, source_img) if seg is not None else None
     spatial_dims = 2 if source_img.GetSize()[2] == 1 else 3
     if (target_img.GetSize()[2] == 1) != (spatial_dims == 2):
         raise InputError(f"the source is {'a single slice' if spatial_dims == 2 else '3D'} but the target is not; "
@@ -198,7 +194,7 @@ def generate(source, target=None, model: Any = "default", frames: int = 10, gamm
         folding.append(folding_fraction(fld, mask=fov))
         if labels_img is not None:
             labels_out.append(warp_image(labels_img, fld, "nearest", default_value=0))
-    frames_out, fields_out, labels_out = _in_input_dims(source_img, frames_out, fields_out, labels_out)
+    frames_out, fields_out, labels_out = in_input_dims(source_img, frames_out, fields_out, labels_out)
     timings["postprocess"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     report(1.0, "done")
@@ -372,101 +368,6 @@ def _gammas(frames: int | None, gammas: Sequence[float] | None) -> list[float]:
     return [float(g) for g in np.linspace(0.0, 1.0, int(frames))]
 
 
-def _inputs(source, target, source_frame: int | None, target_frame: int | None) -> tuple[sitk.Image, sitk.Image]:
-    """Source and target images, each a volume or one frame of a cine."""
-    if target is None:
-        if source_frame is None or target_frame is None:
-            raise InputError("give a target, or a cine as source with --source-frame and --target-frame")
-        target = source
-    cines: dict[int, list[sitk.Image]] = {}
-
-    def frame_of(value, index: int | None, what: str) -> sitk.Image:
-        if index is None:
-            return _as_image(value, what)
-        if isinstance(value, sitk.Image):
-            raise InputError(f"--{what}-frame needs a cine (a 4D file, a multi-frame DICOM or a DICOM cine "
-                             f"series), but the {what} is one image")
-        key = id(value) if not isinstance(value, (str, os.PathLike)) else hash(str(value))
-        if key not in cines:
-            cines[key] = [_as_image(f, what) for f in value] if isinstance(value, (list, tuple)) else read_cine(value)
-        frames = cines[key]
-        if not 0 <= int(index) < len(frames):
-            raise InputError(f"--{what}-frame {index} is out of range: the cine has {len(frames)} frames "
-                             f"(0..{len(frames) - 1})")
-        return _as_image(frames[int(index)], what)
-
-    return frame_of(source, source_frame, "source"), frame_of(target, target_frame, "target")
-
-
-def _as_image(value, what: str) -> sitk.Image:
-    """A float32 3D image of our own (a 2D input becomes a single slice, marked so that the result
-    goes back to 2D: see _in_input_dims)."""
-    if isinstance(value, sitk.Image):
-        if value.GetNumberOfComponentsPerPixel() != 1:
-            raise InputError(f"the {what} image has {value.GetNumberOfComponentsPerPixel()} components; give a scalar volume")
-        if value.GetDimension() == 4:
-            raise InputError(f"the {what} image is 4D; pass one frame")
-        planar = value.GetDimension() == 2 or value.HasMetaDataKey(_PLANAR_KEY)  # (a frame _as_image made)
-        img = sitk.Cast(value, sitk.sitkFloat32)
-        if planar:
-            img = sitk.JoinSeries(img)
-        arr = sitk.GetArrayViewFromImage(img)
-        finite = np.count_nonzero(np.isfinite(arr))
-        if finite < arr.size:
-            bad = f"every voxel ({arr.size}) is" if finite == 0 else f"{arr.size - finite} of its {arr.size} voxels are"
-            raise InputError(f"the {what} image: {bad} NaN or infinite; fix or mask them (e.g. replace NaN by 0) "
-                             "first")
-        if float(arr.max()) == float(arr.min()):
-            raise InputError(f"the {what} image is constant (empty); give an image with content")
-    else:
-        img = read_image(value)
-        planar = not Path(value).is_dir() and read_info(value).dimension == 2
-    return _mark_planar(img, planar)
-
-
-def _as_labels(seg, source: sitk.Image) -> sitk.Image:
-    labels = seg if isinstance(seg, sitk.Image) else read_labels(seg)
-    if labels.GetDimension() == 2:
-        labels = sitk.JoinSeries(labels)
-    labels = sitk.Cast(labels, sitk.sitkUInt8)
-    if not same_geometry(labels, source):
-        _check_overlap(source, labels, "the source image", "the label map (--seg)",
-                       fix="pass the labels drawn on this source, or fix the origin/direction of one of the files")
-        labels = resample_to_reference(labels, source, "nearest", 0)
-    return labels
-
-
-#: metadata key on generate's own copy of a source that was a true 2D image (no third axis)
-_PLANAR_KEY = "ddm4d_planar_input"
-
-
-def _mark_planar(image: sitk.Image, planar: bool) -> sitk.Image:
-    if planar:
-        image.SetMetaData(_PLANAR_KEY, "1")
-    elif image.HasMetaDataKey(_PLANAR_KEY):  # read from a file, not set by us
-        image.EraseMetaData(_PLANAR_KEY)
-    return image
-
-
-def _in_input_dims(source: sitk.Image, *image_lists: list[sitk.Image]) -> tuple[list[sitk.Image], ...]:
-    """2D in, 2D out: frames, fields and labels made on single slices go back to the exact 2D geometry
-    of a 2D source (fields with their two in-plane components). The one place that converts."""
-    if not source.HasMetaDataKey(_PLANAR_KEY):
-        return image_lists
-    return tuple([_to_2d(img) for img in images] for images in image_lists)
-
-
-def _to_2d(image: sitk.Image) -> sitk.Image:
-    vector = image.GetNumberOfComponentsPerPixel() > 1
-    array = sitk.GetArrayFromImage(image)[0]  # (y, x[, components x y z])
-    out = sitk.GetImageFromArray(array[..., :2] if vector else array, isVector=vector)
-    d = image.GetDirection()
-    out.SetOrigin(image.GetOrigin()[:2])
-    out.SetSpacing(image.GetSpacing()[:2])
-    out.SetDirection((d[0], d[1], d[3], d[4]))
-    return out
-
-
 def _resolve_model(model, spatial_dims: int, fit_steps: int, refine: bool):
     """(network or None, description). Models are checked against the input's dimensionality."""
     if model is None or (isinstance(model, str) and model.lower() == "none"):
@@ -553,171 +454,6 @@ def _sync(device: torch.device) -> None:
 def _check_cancel(cancel) -> None:
     if cancel is not None and cancel():
         raise Cancelled("generation cancelled")
-
-
-# ------------------------------------------------------------------------------------------ outputs
-
-def write_sequence_nrrd(images: Sequence[sitk.Image], path: str | os.PathLike, index_values: Sequence[float],
-                        index_name: str = "gamma", node_class: str = "vtkMRMLScalarVolumeNode") -> Path:
-    """A Slicer volume sequence (.seq.nrrd): one 4D NRRD, list axis last, items on one shared grid.
-
-    Slicer's volumes are 3D (it reads no 2D item): 2D images are written as single slices."""
-    images = [sitk.JoinSeries(img) if img.GetDimension() == 2 else img for img in images]
-    ref = images[0]
-    data = np.stack([sitk.GetArrayViewFromImage(img) for img in images])  # (n, k, j, i): i fastest
-    nrrd_type = {np.dtype("float32"): "float", np.dtype("float64"): "double", np.dtype("uint8"): "uint8",
-                 np.dtype("int16"): "int16", np.dtype("uint16"): "uint16", np.dtype("int32"): "int32"}[data.dtype]
-    direction = np.asarray(ref.GetDirection()).reshape(3, 3)
-    columns = [direction[:, a] * ref.GetSpacing()[a] for a in range(3)]
-    vec = lambda v: "(" + ",".join(f"{x:.17g}" for x in v) + ")"  # noqa: E731
-    header = [
-        "NRRD0004", "# Slicer volume sequence written by ddm4d",
-        f"type: {nrrd_type}", "dimension: 4", "space: left-posterior-superior",
-        f"sizes: {' '.join(str(s) for s in ref.GetSize())} {len(images)}",
-        f"space directions: {' '.join(vec(c) for c in columns)} none",
-        "kinds: domain domain domain list", f'labels: "" "" "" "{index_name}"',
-        "endian: little", "encoding: gzip", f"space origin: {vec(ref.GetOrigin())}",
-        "axis 3 index type:=numeric",
-        "axis 3 index values:=" + " ".join(f"{v:.6g}" for v in index_values),
-        f"DataNodeClassName:={node_class}",
-    ]
-    import gzip
-
-    payload = gzip.compress(np.ascontiguousarray(data).astype(data.dtype.newbyteorder("<")).tobytes(), 6)
-
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(("\n".join(header) + "\n\n").encode("ascii"))
-            f.write(payload)
-
-    return files.atomic_write(path, write)
-
-
-def _write_outputs(result: GenerationResult, out_dir: Path, quicklook: bool) -> dict[str, Any]:
-    """The result folder, replaced as a whole under the rule of ddm4d.files (checked before writing)."""
-    t0 = time.perf_counter()
-
-    def fill(tmp: Path, final: Path) -> dict[str, Any]:
-        report = _write_into(result, tmp, final, quicklook)
-        report["timings_s"]["write"] = time.perf_counter() - t0
-        report.update(files.manifest(tmp))  # every file it wrote: a later run may replace them, nothing else
-        files.write_text(tmp / files.MANIFEST, json.dumps(report, indent=2))  # last: it lists the others
-        return report
-
-    return files.replace_folder(out_dir, fill, "--out", "ddm4d generate")
-
-
-def _write_into(result: GenerationResult, tmp: Path, final: Path, quicklook: bool) -> dict[str, Any]:
-    """Image files are written by a few threads: SimpleITK's writers and zlib release the GIL, and
-    compressing some 30 volumes was most of the end-to-end time (benchmarks/bench.py)."""
-    n = len(result.gammas)
-    frame_paths = [f"frames/frame_{i:03d}.nii.gz" for i in range(n)]
-    field_paths = [f"fields/field_{i:03d}.nrrd" for i in range(n)]
-    jac_paths = [f"fields/jacobian_{i:03d}.nii.gz" for i in range(n)]
-    label_paths = [f"labels/labels_{i:03d}.nii.gz" for i in range(n)] if result.labels else []
-    jobs = []
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        for i in range(n):
-            jobs.append(pool.submit(write_image, result.frames[i], tmp / frame_paths[i]))
-            jobs.append(pool.submit(write_image, result.fields[i], tmp / field_paths[i]))
-            jobs.append(pool.submit(_write_jacobian, result.fields[i], tmp / jac_paths[i]))
-        jobs.append(pool.submit(write_cine, result.frames, tmp / "frames_4d.nii.gz"))
-        jobs.append(pool.submit(write_sequence_nrrd, result.frames, tmp / "frames.seq.nrrd", result.gammas))
-        for img, path in zip(result.labels or [], label_paths):
-            jobs.append(pool.submit(write_image, img, tmp / path))
-        if result.labels:
-            jobs.append(pool.submit(write_sequence_nrrd, result.labels, tmp / "labels.seq.nrrd", result.gammas,
-                                    node_class="vtkMRMLLabelMapVolumeNode"))
-        for job in jobs:
-            job.result()  # the first failure, in order
-    report: dict[str, Any] = {
-        "gammas": result.gammas, "frames": [str(final / p) for p in frame_paths],
-        "fields": [str(final / p) for p in field_paths], "jacobians": [str(final / p) for p in jac_paths],
-        "frames_4d": str(final / "frames_4d.nii.gz"), "sequence": str(final / "frames.seq.nrrd"),
-        "device": result.device, "model": result.model, "mode": result.mode, "precision": result.precision,
-        "timings_s": dict(result.timings_s), "folding_fraction": result.folding_fraction,
-        "field_convention": "LPS millimetres, pull: frame(x) = source(x + u(x)); SimpleITK DisplacementFieldTransform",
-        "model_grid": {"size": list(result.mapping.grid.GetSize()), "spacing": list(result.mapping.grid.GetSpacing()),
-                       "origin": list(result.mapping.grid.GetOrigin())},
-        "messages": result.messages,
-    }
-    if result.refinement:
-        report["refinement"] = result.refinement
-    if result.score is not None:
-        from .cine import score_markdown
-        files.write_text(tmp / "score.json", json.dumps(result.score, indent=2))
-        files.write_text(tmp / "score.md", score_markdown(result.score))
-        report["score"] = {"json": str(final / "score.json"), "markdown": str(final / "score.md"),
-                           "mean": result.score["mean"]}
-    if result.fit_losses:
-        report["fit"] = {"steps": len(result.fit_losses), "first_loss": result.fit_losses[0],
-                         "last_loss": result.fit_losses[-1]}
-    if result.labels:
-        report["labels"] = [str(final / p) for p in label_paths]
-        report["labels_sequence"] = str(final / "labels.seq.nrrd")
-        report.update(_write_volumes(result, tmp, final))
-    if quicklook:
-        report.update(_write_quicklook(result, tmp, final))
-    return report
-
-
-def _write_jacobian(field: sitk.Image, path: Path) -> None:
-    write_image(sitk.Cast(jacobian_determinant(field), sitk.sitkFloat32), path)
-
-
-def _write_volumes(result: GenerationResult, tmp: Path, final: Path) -> dict[str, Any]:
-    volumes = result.label_volumes_ml()
-    table = io.StringIO(newline="")
-    writer = csv.writer(table)
-    writer.writerow(["frame", "gamma"] + [f"{STRUCTURE_NAMES[k]} (mL)" for k in VOLUME_STRUCTURES])
-    for i, (g, v) in enumerate(zip(result.gammas, volumes)):
-        writer.writerow([i, f"{g:.4f}"] + [f"{v[k]:.3f}" for k in VOLUME_STRUCTURES])
-    files.write_text(tmp / "volumes.csv", table.getvalue())
-    first, last = volumes[0]["lv_blood_pool"], volumes[-1]["lv_blood_pool"]
-    ef = (first - last) / first if first > 0 else None
-    from .plotting import figure, save_png
-
-    fig = figure(6, 3.5)
-    ax = fig.subplots()
-    for key in VOLUME_STRUCTURES:
-        ax.plot(result.gammas, [v[key] for v in volumes], marker="o", label=STRUCTURE_NAMES[key])
-    ax.set_xlabel("gamma (source to target)")
-    ax.set_ylabel("volume (mL)")
-    title = "Propagated label volumes"
-    if ef is not None:
-        title += f"; LV ejection fraction {100 * ef:.1f}% (first vs last frame)"
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_png(fig, tmp / "volumes.png", dpi=100)
-    return {"volumes_ml": volumes, "ejection_fraction": ef, "volumes_csv": str(final / "volumes.csv"),
-            "volumes_png": str(final / "volumes.png")}
-
-
-def _middle_slices(result: GenerationResult) -> list[np.ndarray]:
-    arrays = [sitk.GetArrayViewFromImage(f).reshape((-1,) + f.GetSize()[1::-1]) for f in result.frames]  # 2D: 1 slice
-    k = arrays[0].shape[0] // 2
-    lo, hi = np.percentile(np.stack([a[k] for a in arrays]), [1, 99])
-    return [np.clip((a[k] - lo) / max(hi - lo, 1e-6), 0, 1) for a in arrays]
-
-
-def _write_quicklook(result: GenerationResult, tmp: Path, final: Path) -> dict[str, Any]:
-    """Montage PNG and animated GIF of the middle slice over the frames."""
-    from PIL import Image
-
-    slices = [(255 * s).astype(np.uint8) for s in _middle_slices(result)]
-    frames = [Image.fromarray(s) for s in slices]
-    h, w = slices[0].shape
-    cols = min(len(frames), 5)
-    rows = (len(frames) + cols - 1) // cols
-    montage = Image.new("L", (cols * w, rows * h))
-    for i, im in enumerate(frames):
-        montage.paste(im, ((i % cols) * w, (i // cols) * h))
-    files.atomic_write(tmp / "montage.png", lambda path: montage.save(path, format="PNG"))
-    loop = frames + frames[-2:0:-1]  # forth and back, like a beating heart
-    files.atomic_write(tmp / "frames.gif", lambda path: loop[0].save(path, format="GIF", save_all=True,
-                                                                   append_images=loop[1:], duration=120, loop=0))
-    return {"montage": str(final / "montage.png"), "gif": str(final / "frames.gif")}
 
 
 # ------------------------------------------------------------------------------------------ the CLI

@@ -1,0 +1,190 @@
+"""The result folder of `ddm4d generate` (GenerationResult.write): frames, fields and their Jacobians,
+labels, 4D NIfTI and Slicer sequences, report.json, label volumes and quick-look images.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import files
+from .geometry import jacobian_determinant
+from .io import write_cine, write_image
+from .metrics import STRUCTURE_NAMES
+
+if TYPE_CHECKING:
+    from .generation import GenerationResult
+
+# structures whose volume over the frames a cardiologist reads (keys of metrics.ACDC_STRUCTURES)
+VOLUME_STRUCTURES = ("lv_blood_pool", "lv_myocardium", "rv")
+
+
+def write_sequence_nrrd(images: Sequence[sitk.Image], path: str | os.PathLike, index_values: Sequence[float],
+                        index_name: str = "gamma", node_class: str = "vtkMRMLScalarVolumeNode") -> Path:
+    """A Slicer volume sequence (.seq.nrrd): one 4D NRRD, list axis last, items on one shared grid.
+
+    Slicer's volumes are 3D (it reads no 2D item): 2D images are written as single slices."""
+    images = [sitk.JoinSeries(img) if img.GetDimension() == 2 else img for img in images]
+    ref = images[0]
+    data = np.stack([sitk.GetArrayViewFromImage(img) for img in images])  # (n, k, j, i): i fastest
+    nrrd_type = {np.dtype("float32"): "float", np.dtype("float64"): "double", np.dtype("uint8"): "uint8",
+                 np.dtype("int16"): "int16", np.dtype("uint16"): "uint16", np.dtype("int32"): "int32"}[data.dtype]
+    direction = np.asarray(ref.GetDirection()).reshape(3, 3)
+    columns = [direction[:, a] * ref.GetSpacing()[a] for a in range(3)]
+    vec = lambda v: "(" + ",".join(f"{x:.17g}" for x in v) + ")"  # noqa: E731
+    header = [
+        "NRRD0004", "# Slicer volume sequence written by ddm4d",
+        f"type: {nrrd_type}", "dimension: 4", "space: left-posterior-superior",
+        f"sizes: {' '.join(str(s) for s in ref.GetSize())} {len(images)}",
+        f"space directions: {' '.join(vec(c) for c in columns)} none",
+        "kinds: domain domain domain list", f'labels: "" "" "" "{index_name}"',
+        "endian: little", "encoding: gzip", f"space origin: {vec(ref.GetOrigin())}",
+        "axis 3 index type:=numeric",
+        "axis 3 index values:=" + " ".join(f"{v:.6g}" for v in index_values),
+        f"DataNodeClassName:={node_class}",
+    ]
+    import gzip
+
+    payload = gzip.compress(np.ascontiguousarray(data).astype(data.dtype.newbyteorder("<")).tobytes(), 6)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(("\n".join(header) + "\n\n").encode("ascii"))
+            f.write(payload)
+
+    return files.atomic_write(path, write)
+
+
+def write_outputs(result: GenerationResult, out_dir: Path, quicklook: bool) -> dict[str, Any]:
+    """The result folder, replaced as a whole under the rule of ddm4d.files (checked before writing)."""
+    t0 = time.perf_counter()
+
+    def fill(tmp: Path, final: Path) -> dict[str, Any]:
+        report = _write_into(result, tmp, final, quicklook)
+        report["timings_s"]["write"] = time.perf_counter() - t0
+        report.update(files.manifest(tmp))  # every file it wrote: a later run may replace them, nothing else
+        files.write_text(tmp / files.MANIFEST, json.dumps(report, indent=2))  # last: it lists the others
+        return report
+
+    return files.replace_folder(out_dir, fill, "--out", "ddm4d generate")
+
+
+def _write_into(result: GenerationResult, tmp: Path, final: Path, quicklook: bool) -> dict[str, Any]:
+    """Image files are written by a few threads: SimpleITK's writers and zlib release the GIL, and
+    compressing some 30 volumes was most of the end-to-end time (benchmarks/bench.py)."""
+    n = len(result.gammas)
+    frame_paths = [f"frames/frame_{i:03d}.nii.gz" for i in range(n)]
+    field_paths = [f"fields/field_{i:03d}.nrrd" for i in range(n)]
+    jac_paths = [f"fields/jacobian_{i:03d}.nii.gz" for i in range(n)]
+    label_paths = [f"labels/labels_{i:03d}.nii.gz" for i in range(n)] if result.labels else []
+    jobs = []
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        for i in range(n):
+            jobs.append(pool.submit(write_image, result.frames[i], tmp / frame_paths[i]))
+            jobs.append(pool.submit(write_image, result.fields[i], tmp / field_paths[i]))
+            jobs.append(pool.submit(_write_jacobian, result.fields[i], tmp / jac_paths[i]))
+        jobs.append(pool.submit(write_cine, result.frames, tmp / "frames_4d.nii.gz"))
+        jobs.append(pool.submit(write_sequence_nrrd, result.frames, tmp / "frames.seq.nrrd", result.gammas))
+        for img, path in zip(result.labels or [], label_paths):
+            jobs.append(pool.submit(write_image, img, tmp / path))
+        if result.labels:
+            jobs.append(pool.submit(write_sequence_nrrd, result.labels, tmp / "labels.seq.nrrd", result.gammas,
+                                    node_class="vtkMRMLLabelMapVolumeNode"))
+        for job in jobs:
+            job.result()  # the first failure, in order
+    report: dict[str, Any] = {
+        "gammas": result.gammas, "frames": [str(final / p) for p in frame_paths],
+        "fields": [str(final / p) for p in field_paths], "jacobians": [str(final / p) for p in jac_paths],
+        "frames_4d": str(final / "frames_4d.nii.gz"), "sequence": str(final / "frames.seq.nrrd"),
+        "device": result.device, "model": result.model, "mode": result.mode, "precision": result.precision,
+        "timings_s": dict(result.timings_s), "folding_fraction": result.folding_fraction,
+        "field_convention": "LPS millimetres, pull: frame(x) = source(x + u(x)); SimpleITK DisplacementFieldTransform",
+        "model_grid": {"size": list(result.mapping.grid.GetSize()), "spacing": list(result.mapping.grid.GetSpacing()),
+                       "origin": list(result.mapping.grid.GetOrigin())},
+        "messages": result.messages,
+    }
+    if result.refinement:
+        report["refinement"] = result.refinement
+    if result.score is not None:
+        from .cine import score_markdown
+        files.write_text(tmp / "score.json", json.dumps(result.score, indent=2))
+        files.write_text(tmp / "score.md", score_markdown(result.score))
+        report["score"] = {"json": str(final / "score.json"), "markdown": str(final / "score.md"),
+                           "mean": result.score["mean"]}
+    if result.fit_losses:
+        report["fit"] = {"steps": len(result.fit_losses), "first_loss": result.fit_losses[0],
+                         "last_loss": result.fit_losses[-1]}
+    if result.labels:
+        report["labels"] = [str(final / p) for p in label_paths]
+        report["labels_sequence"] = str(final / "labels.seq.nrrd")
+        report.update(_write_volumes(result, tmp, final))
+    if quicklook:
+        report.update(_write_quicklook(result, tmp, final))
+    return report
+
+
+def _write_jacobian(field: sitk.Image, path: Path) -> None:
+    write_image(sitk.Cast(jacobian_determinant(field), sitk.sitkFloat32), path)
+
+
+def _write_volumes(result: GenerationResult, tmp: Path, final: Path) -> dict[str, Any]:
+    volumes = result.label_volumes_ml()
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(["frame", "gamma"] + [f"{STRUCTURE_NAMES[k]} (mL)" for k in VOLUME_STRUCTURES])
+    for i, (g, v) in enumerate(zip(result.gammas, volumes)):
+        writer.writerow([i, f"{g:.4f}"] + [f"{v[k]:.3f}" for k in VOLUME_STRUCTURES])
+    files.write_text(tmp / "volumes.csv", table.getvalue())
+    first, last = volumes[0]["lv_blood_pool"], volumes[-1]["lv_blood_pool"]
+    ef = (first - last) / first if first > 0 else None
+    from .plotting import figure, save_png
+
+    fig = figure(6, 3.5)
+    ax = fig.subplots()
+    for key in VOLUME_STRUCTURES:
+        ax.plot(result.gammas, [v[key] for v in volumes], marker="o", label=STRUCTURE_NAMES[key])
+    ax.set_xlabel("gamma (source to target)")
+    ax.set_ylabel("volume (mL)")
+    title = "Propagated label volumes"
+    if ef is not None:
+        title += f"; LV ejection fraction {100 * ef:.1f}% (first vs last frame)"
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_png(fig, tmp / "volumes.png", dpi=100)
+    return {"volumes_ml": volumes, "ejection_fraction": ef, "volumes_csv": str(final / "volumes.csv"),
+            "volumes_png": str(final / "volumes.png")}
+
+
+def _middle_slices(result: GenerationResult) -> list[np.ndarray]:
+    arrays = [sitk.GetArrayViewFromImage(f).reshape((-1,) + f.GetSize()[1::-1]) for f in result.frames]  # 2D: 1 slice
+    k = arrays[0].shape[0] // 2
+    lo, hi = np.percentile(np.stack([a[k] for a in arrays]), [1, 99])
+    return [np.clip((a[k] - lo) / max(hi - lo, 1e-6), 0, 1) for a in arrays]
+
+
+def _write_quicklook(result: GenerationResult, tmp: Path, final: Path) -> dict[str, Any]:
+    """Montage PNG and animated GIF of the middle slice over the frames."""
+    from PIL import Image
+
+    slices = [(255 * s).astype(np.uint8) for s in _middle_slices(result)]
+    frames = [Image.fromarray(s) for s in slices]
+    h, w = slices[0].shape
+    cols = min(len(frames), 5)
+    rows = (len(frames) + cols - 1) // cols
+    montage = Image.new("L", (cols * w, rows * h))
+    for i, im in enumerate(frames):
+        montage.paste(im, ((i % cols) * w, (i // cols) * h))
+    files.atomic_write(tmp / "montage.png", lambda path: montage.save(path, format="PNG"))
+    loop = frames + frames[-2:0:-1]  # forth and back, like a beating heart
+    files.atomic_write(tmp / "frames.gif", lambda path: loop[0].save(path, format="GIF", save_all=True,
+                                                                   append_images=loop[1:], duration=120, loop=0))
+    return {"montage": str(final / "montage.png"), "gif": str(final / "frames.gif")}
