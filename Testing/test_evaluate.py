@@ -21,7 +21,8 @@ from ddm4d import cli
 from ddm4d.checkpoint import save_model, save_tensors
 from ddm4d.config import DDMConfig
 from ddm4d.data import scan_dataset
-from ddm4d.evaluation import (METHODS, REPORT_FILES, _paired_p_values, evaluate, parse_methods)
+from ddm4d.evaluation import METHODS, REPORT_FILES, evaluate, parse_methods
+from ddm4d.evaluation_report import _paired_p_values
 from ddm4d.errors import InputError
 from ddm4d.metrics import STRUCTURE_NAMES, dice, psnr
 from ddm4d.model import DDM
