@@ -2,6 +2,7 @@
 one table of methods (ddm4d.methods)."""
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 
@@ -18,9 +19,7 @@ def _models() -> list:
     config = DDMConfig.for_dims(2, image_size=(32, 32))
     torch.manual_seed(0)
     models = [DDM(config)]
-    try:
-        import voxelmorph  # noqa: F401
-    except ImportError:  # the baselines are an optional extra; DDM is still checked
+    if importlib.util.find_spec("voxelmorph") is None:  # the baselines are an optional extra
         return models
     from ddm4d.baselines import BaselineModel
 
