@@ -278,11 +278,11 @@ def fit_pair(net, source: np.ndarray, target: np.ndarray, steps: int, device: to
              bidirectional: bool = False, progress=None, cancel=None, checks: int = 10):
     """Per-case optimisation of a copy of the model: `steps` Adam steps of its own loss on this pair.
 
-    t is drawn from [0, fit_max_timestep), near the t = 0 at which generation computes the code: with
-    t uniform over the 2000 steps, as in training, a few hundred steps on the real cine learned no
-    motion (and the loss must see the subtracted field, config.subtracted_field_loss, as by default;
-    with the paper's loss a single pair's field is learned from the source alone and then subtracted
-    away). Bidirectional fitting alternates source -> target with target -> source.
+    t is drawn from [0, fit_max_timestep), near the t = 0 at which generation computes the code (drawn
+    over all steps, as in training, a few hundred steps learn no motion); the loss should see the
+    subtracted field (config.subtracted_field_loss, the default), else one pair's field is learned from
+    the source alone and subtracted away. Bidirectional fitting alternates source -> target with
+    target -> source.
     Noisy steps do not improve monotonically, so `checks` times along the way the generated target
     frame is scored (local NCC with the target, the inference condition) and the best weights are
     kept; if nothing beats the starting model, it stays.
