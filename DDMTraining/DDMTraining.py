@@ -372,8 +372,7 @@ class DDMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 f"Checkpoints saved so far are kept in {runDirectory}; fix the cause and press Resume "
                 "to continue from the last one.", windowTitle="DDM Training", detailedText=process.logText())
         elif status.stopped or process.stopRequested:
-            checkpoint = os.path.basename(status.lastCheckpoint) if status.lastCheckpoint else "the last checkpoint"
-            self.ui.statusLabel.text = f"Stopped at iteration {status.iteration}; saved {checkpoint}. Resume continues."
+            self.ui.statusLabel.text = process.stopOutcome()
         else:
             self.ui.statusLabel.text = f"Done: {status.progressText()}. Model: {status.model}"
             self.ui.progressBar.value = 1000

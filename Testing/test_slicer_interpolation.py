@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -696,6 +697,31 @@ def test_generate_in_a_background_process_like_the_widget(scene, logic, phantomP
     assert process.wait(600) == 2
     process.readLines()
     assert process.errorMessage().startswith("ddm4d generate: error:") and "bogus.safetensors" in process.errorMessage()
+
+
+def test_cancel_behind_a_launcher_ends_every_process_and_leaves_no_output(scene, logic, phantomPair, tmp_path):
+    """Inside Slicer, ddm4d generate runs below the PythonSlicer launcher (which forwards no signals):
+    Cancel must end the worker too, and leave no result behind."""
+    import psutil
+    from ddm4d.checkpoint import save_model
+    modelPath = save_model(tinyModel(), tmp_path / "tiny.safetensors")
+    command = logic.buildGenerateCommand(str(tmp_path / "work"), phantomPair["sourceNode"], phantomPair["targetNode"],
+                                         numberOfFrames=40, model=str(modelPath), device="cpu")
+    launcher = Path(__file__).with_name("pythonslicer_like.py")
+    process = BackgroundProcess([command.args[0], str(launcher)] + command.args[1:], env=command.env).start()
+    progress = []
+    deadline = time.monotonic() + 300
+    while not progress and not process.finished and time.monotonic() < deadline:
+        progress += [text for _, text in process.readLines() if parseProgressLine(text)]
+        time.sleep(0.05)
+    assert progress and not process.finished, process.stderrTail  # the worker is at work
+    tree = [psutil.Process(process.process.pid)] + psutil.Process(process.process.pid).children(recursive=True)
+    assert len(tree) >= 2
+    process.cancel(timeout=10)
+    assert process.wait(10) != 0 and process.cancelled
+    assert not [p.pid for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not os.path.exists(os.path.join(command.outputDirectory, "report.json"))
+    assert not os.path.exists(command.outputDirectory) or not os.listdir(command.outputDirectory)
 
 
 @pytest.mark.skipif(not REAL_CINE.is_file(), reason=f"the real cine sample is not at {REAL_CINE}")

@@ -79,7 +79,8 @@ def names(events):
 
 # ------------------------------------------------------------------------------------------ a stand-in trainer
 # A real process that prints the progress protocol of `ddm4d train --progress json`, writes checkpoints
-# like it, saves one and reports "done" with "stopped" on SIGINT, and can crash on request.
+# like it, saves one and reports "done" with "stopped" on a stop request (RUN_DIR/.stop) or SIGINT, and
+# can crash on request.
 
 STAND_IN = textwrap.dedent(r'''
     import json, os, signal, sys, time
@@ -99,8 +100,13 @@ STAND_IN = textwrap.dedent(r'''
     print("plain log line from the trainer", flush=True)
     print("a warning on stderr", file=sys.stderr, flush=True)
     it = start
+    class Stop(Exception):
+        pass
     try:
         while it < total:
+            if os.path.exists(os.path.join(run, ".stop")):
+                os.remove(os.path.join(run, ".stop"))
+                raise Stop
             it += 1
             time.sleep(0.05)
             emit(event="iteration", iteration=it, epoch=(it - 1) // 2, loss=1.0 / it, diffusion=0.5 / it,
@@ -114,11 +120,11 @@ STAND_IN = textwrap.dedent(r'''
                 print("Traceback (most recent call last):", file=sys.stderr)
                 print("RuntimeError: CUDA out of memory (stand-in)", file=sys.stderr, flush=True)
                 sys.exit(1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Stop) as stop:
         checkpoint(it)
         emit(event="done", iteration=it, model=os.path.join(run, "model.safetensors"), elapsed_s=0.05 * it,
              stopped=True)
-        sys.exit(130)  # like ddm4d train: 128 + SIGINT once the checkpoint is saved
+        sys.exit(130 if isinstance(stop, KeyboardInterrupt) else 0)  # like ddm4d train, once the checkpoint is saved
     emit(event="done", iteration=it, model=os.path.join(run, "model.safetensors"), elapsed_s=0.05 * it, stopped=False)
 ''')
 
@@ -168,7 +174,7 @@ def test_stop_saves_a_checkpoint_and_ends_cleanly(tmp_path):
     assert process.isRunning()
     process.stop(grace_s=20)
     events += pollUntil(process)
-    assert not process.isRunning() and process.returncode == 130
+    assert not process.isRunning() and process.returncode == 0
     assert events[-1]["event"] == "done" and events[-1]["stopped"] is True
     assert names(events).count("checkpoint") == 1 and process.status.stopped and not process.crashed()
     assert list((run / "checkpoints").glob("*.safetensors"))
@@ -574,10 +580,10 @@ def test_real_training_stop_resume_finish_and_use_the_model(scene, logic, phanto
     with pytest.raises(ValueError, match="already writing to"):
         logic.startTraining(phantomData, run, settings, resume=True)
 
-    process.stop(grace_s=120)  # SIGINT: the trainer finishes the iteration, saves a checkpoint, exits 130
+    process.stop(grace_s=120)  # a stop request: the trainer finishes the iteration, saves a checkpoint, exits 0
     events += pollUntil(process, curves=curves)
     stoppedAt = process.status.iteration
-    assert events[-1]["event"] == "done" and events[-1]["stopped"] is True and process.returncode == 130
+    assert events[-1]["event"] == "done" and events[-1]["stopped"] is True and process.returncode == 0
     assert not process.crashed() and 1 <= stoppedAt < 5
     state = logic.runState(run)
     assert state.lastIteration == stoppedAt and state.canResume and state.modelPath and state.lockPid is None
@@ -617,6 +623,66 @@ def test_real_training_stop_resume_finish_and_use_the_model(scene, logic, phanto
         return
     assert DDMInterpolationLogic._checkModel(model, 0) == model
     assert DDMInterpolationLogic._checkModel(exported, 0) == exported
+
+
+LAUNCHER = Path(__file__).with_name("pythonslicer_like.py")
+
+
+def processTree(process):
+    import psutil
+    return [psutil.Process(process.pid)] + psutil.Process(process.pid).children(recursive=True)
+
+
+def test_stop_behind_a_launcher_saves_a_checkpoint_and_ends_every_process(logic, phantomData, tmp_path):
+    """Inside Slicer the trainer runs below the PythonSlicer launcher, which forwards no signals: Stop
+    must still save a checkpoint, end every process, and return within the grace period."""
+    requireTrainer()
+    import psutil
+    run = tmp_path / "run"
+    settings = TrainingSettings(iterations=400, checkpointEvery=1000, size=(16, 16, 16), seed=0, device="cpu")
+    args = logic.buildTrainCommand(str(phantomData), str(run), settings)
+    process = TrainingProcess([args[0], str(LAUNCHER)] + args[1:], runDirectory=run,
+                              env=processEnvironment()).start()
+    events = pollUntil(process, lambda ev: any(e["event"] == "iteration" for e in ev))
+    assert process.isRunning(), process.lastError()
+    tree = processTree(process)
+    assert len(tree) >= 2, "the trainer runs below the launcher"
+    trainer = logic.runState(run).lockPid
+    assert trainer != process.pid and trainer in [p.pid for p in tree]
+
+    grace = 60.0
+    started = time.monotonic()
+    code = process.stop(grace_s=grace)
+    assert time.monotonic() - started < grace
+    events += pollUntil(process)
+    assert code == 0 and not process.crashed(), process.lastError()
+    assert events[-1]["event"] == "done" and events[-1]["stopped"] is True
+    assert not [p.pid for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    state = logic.runState(run)
+    assert state.lastIteration == events[-1]["iteration"] < 400 and state.lockPid is None
+    assert not (run / C.LOCK_FILE).exists() and not (run / ".stop").exists()  # the request was honoured
+    assert process.stopOutcome().startswith(f"Stopped at iteration {state.lastIteration}; saved ckpt_")
+
+
+def test_stop_ends_a_tree_that_ignores_it_within_the_grace_period(tmp_path):
+    """A worker that never reads the stop request (stuck) is ended with its launcher, grandchildren too."""
+    import psutil
+    run = tmp_path / "run"
+    run.mkdir()
+    stuck = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); " \
+            "time.sleep(300)"
+    process = TrainingProcess([sys.executable, str(LAUNCHER), "-c", stuck], runDirectory=run).start()
+    deadline = time.monotonic() + 60
+    while len(processTree(process)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    tree = processTree(process)
+    assert len(tree) == 3
+    started = time.monotonic()
+    process.stop(grace_s=2.0)
+    assert time.monotonic() - started < 2.0 + 3 * C.KILL_GRACE_S
+    assert not [p.pid for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not process.crashed()  # stopped by the user, ended by us
+    assert "did not stop in time and was terminated" in process.stopOutcome()  # not "saved"
 
 
 def test_real_trainer_failure_is_reported_with_its_message(logic, phantomData, tmp_path):

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,8 @@ import pytest
 import torch
 
 from ddm4d import runfolder
-from ddm4d.baselines import BaselineModel, load_any_model
-from ddm4d.checkpoint import load_model, load_tensors
+from ddm4d.baselines import BaselineModel
+from ddm4d.checkpoint import load_any_model, load_model, load_tensors
 from ddm4d.cli import main as cli
 from ddm4d.model import DDM
 from ddm4d.phantom import write_dataset
@@ -262,14 +263,15 @@ def start_training(run: Path, data: Path, *args) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
 
 
-def signal_after(proc: subprocess.Popen, sig: int, event: str, count: int = 1) -> tuple[list[dict], str]:
-    """Read events until the `count`-th `event`, send `sig`, collect the rest: (events, stderr)."""
+def signal_after(proc: subprocess.Popen, sig, event: str, count: int = 1) -> tuple[list[dict], str]:
+    """Read events until the `count`-th `event`, send `sig` (a signal, or a callable that stops the
+    run another way), collect the rest: (events, stderr)."""
     events = []
     try:
         for line in proc.stdout:
             events.append(json.loads(line))
             if sum(e["event"] == event for e in events) == count:
-                proc.send_signal(sig)
+                sig() if callable(sig) else proc.send_signal(sig)
                 break
         rest, err = proc.communicate(timeout=120)
     finally:
@@ -291,6 +293,26 @@ def test_signal_stops_after_a_checkpoint(data2d, tmp_path, sig, expected):
     _, meta = load_tensors(saved[-1]["path"])
     assert meta["state"]["iteration"] == done["iteration"]
     assert not (run / ".lock").exists()
+
+
+def test_a_stop_request_in_the_run_folder_stops_after_a_checkpoint_and_an_old_one_does_not(data2d, tmp_path,
+                                                                                           capsys):
+    """The Slicer module's Stop: RUN_DIR/.stop, read between iterations (no signal needed, any platform)."""
+    run = tmp_path / "run"
+    proc = start_training(run, data2d, "--checkpoint-every", 1000)
+    events, err = signal_after(proc, lambda: runfolder.request_stop(run), "iteration")
+    assert proc.returncode == 0, err
+    done = events[-1]
+    assert done["event"] == "done" and done["stopped"] is True and 1 <= done["iteration"] < 1000
+    assert [e for e in events if e["event"] == "checkpoint"][-1]["iteration"] == done["iteration"]
+    assert "stop requested" in err and not (run / runfolder.STOP_FILE).exists()  # honoured, then removed
+    # a request older than the run (left by a run that ended before reading it) does not stop the next one
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    old = runfolder.request_stop(fresh)
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    code, events, _ = train(capsys, data2d, "--out", fresh, *GRID_2D, "--iterations", 2)
+    assert code == 0 and events[-1]["stopped"] is False and events[-1]["iteration"] == 2
 
 
 # ------------------------------------------------------------------------------------ distributed

@@ -7,7 +7,8 @@ unpickled: safetensors headers are read with plain Python.
 RUN_DIR layout: config.json, model.safetensors (the EMA weights with --ema, the raw ones beside them in
 model_raw.safetensors), model_best.safetensors (best validation loss), checkpoints/ckpt_<iteration>
 .safetensors (the last --keep-last) and checkpoints/best.safetensors, log.jsonl, loss_curve.png,
-tensorboard/, cache/ (with --disk-cache), .lock ("pid host" of the training process).
+tensorboard/, cache/ (with --disk-cache), .lock ("pid host" of the training process), .stop (a request
+to stop, written by a client).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from .files import process_alive
 
 # file formats (the "format" field of a file's JSON metadata)
 MODEL_FORMAT = "ddm4d-model"
+BASELINE_FORMAT = "ddm4d-baseline"  # a VM / VM-diff baseline model
 STATE_FORMAT = "ddm4d-training-state"
 RUN_FORMAT = "ddm4d-run"  # config.json
 RUN_FORMAT_VERSION = 1
@@ -40,6 +42,10 @@ CACHE_DIRECTORY = "cache"
 RUN_FILES = (CONFIG_FILE, LOG_FILE, MODEL_FILE, RAW_MODEL_FILE, LOSS_CURVE_FILE)
 
 CHECKPOINT_PATTERN = r"ckpt_(\d+)\.safetensors"  # training states in CHECKPOINTS_DIRECTORY
+# a client (the Slicer module) asks the trainer to save a checkpoint and exit by writing this file: the
+# same on every platform, and it reaches the trainer behind a launcher that forwards no signals
+STOP_FILE = ".stop"
+STOP_TEXT = "ddm4d train: save a checkpoint and stop\n"
 
 
 def checkpoint_name(iteration: int) -> str:
@@ -57,6 +63,36 @@ def checkpoint_files(folder: str | os.PathLike) -> list[tuple[int, Path]]:
     found = [(int(m.group(1)), Path(folder) / name) for name in names
              if (m := re.fullmatch(CHECKPOINT_PATTERN, name))]
     return sorted(found)
+
+
+# ---------------------------------------------------------------------------------------- stopping
+
+def request_stop(run_dir: str | os.PathLike) -> Path:
+    """Ask the trainer writing into RUN_DIR to stop after its current iteration, with a checkpoint."""
+    path = Path(run_dir) / STOP_FILE
+    path.write_text(STOP_TEXT, encoding="utf-8")
+    return path
+
+
+def stop_requested(run_dir: str | os.PathLike, since: float | None = None) -> bool:
+    """RUN_DIR holds a stop request (written at `since`, a time.time(), or later: an older one is stale)."""
+    path = Path(run_dir) / STOP_FILE
+    try:
+        if since is not None and path.stat().st_mtime < since - 1.0:  # 1 s: coarse file-system clocks
+            return False
+        with open(path, encoding="utf-8", errors="replace") as file:
+            return file.read(len(STOP_TEXT)) == STOP_TEXT
+    except OSError:
+        return False
+
+
+def clear_stop(run_dir: str | os.PathLike) -> None:
+    """Remove a stop request (only one: a file of that name that is not one stays)."""
+    if stop_requested(run_dir):
+        try:
+            (Path(run_dir) / STOP_FILE).unlink()
+        except OSError:
+            pass
 
 
 # ------------------------------------------------------------------------------------------ the lock

@@ -8,6 +8,7 @@ import logging
 import os
 import queue
 import re
+import signal
 import subprocess
 import threading
 
@@ -31,11 +32,10 @@ class BackgroundProcess:
         self._readers = []
 
     def start(self):
-        creationFlags = subprocess.CREATE_NEW_PROCESS_GROUP if os.name == "nt" else 0
         self.process = subprocess.Popen(
             self.args, env=self.env, cwd=self.cwd, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace",
-            bufsize=1, creationflags=creationFlags)
+            bufsize=1, **hiddenProcessOptions(newSession=False))
         for stream, name in ((self.process.stdout, STDOUT), (self.process.stderr, STDERR)):
             reader = threading.Thread(target=self._read, args=(stream, name), daemon=True)
             reader.start()
@@ -77,31 +77,11 @@ class BackgroundProcess:
         return f"the process ended with exit code {self.returncode}"
 
     def cancel(self, timeout=5.0):
-        """Terminate the process and its children (psutil when available)."""
+        """End the process and every descendant (the worker behind a launcher such as PythonSlicer)."""
         self.cancelled = True
         if self.process is None or self.process.poll() is not None:
             return
-        children = []
-        try:
-            import psutil
-            children = psutil.Process(self.process.pid).children(recursive=True)
-            for child in children:
-                child.terminate()
-        except ImportError:
-            logging.debug("psutil is not installed: only the direct child process is ended")
-        except Exception as error:  # a child may have ended meanwhile
-            logging.debug(f"cancel: {error}")
-        # the direct child through subprocess, so that its exit code stays readable (psutil would reap it)
-        self.process.terminate()
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        if children:
-            import psutil
-            _, alive = psutil.wait_procs(children, timeout=timeout)
-            for child in alive:
-                child.kill()
+        endProcessTree(self.process, descendants(self.process.pid), timeout)
 
     def wait(self, timeout=None):
         """Block until the process ends (console and tests); returns the exit code."""
@@ -109,6 +89,78 @@ class BackgroundProcess:
         for reader in self._readers:
             reader.join(timeout)
         return returncode
+
+
+def hiddenProcessOptions(newSession=True):
+    """``subprocess.Popen`` keywords for a child of the Slicer application.
+
+    Windows: no console window (a window per run, whose closing would kill the job), as
+    ``slicer.util.launchConsoleProcess`` does, in its own process group. POSIX, with ``newSession``:
+    its own session and process group, so that the whole tree can be signalled.
+    """
+    if os.name == "nt":
+        info = subprocess.STARTUPINFO()
+        info.dwFlags |= subprocess.STARTF_USESHOWWINDOW
+        info.wShowWindow = subprocess.SW_HIDE
+        return {"startupinfo": info,
+                "creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW}
+    return {"start_new_session": True} if newSession else {}
+
+
+def descendants(pid):
+    """The processes below ``pid`` (psutil objects; empty without psutil or once it has ended).
+
+    Inside Slicer ``sys.executable`` is the PythonSlicer launcher, which runs the real Python as its
+    child and forwards no signals: the work happens one level down.
+    """
+    try:
+        import psutil
+        return psutil.Process(pid).children(recursive=True)
+    except ImportError:
+        logging.debug("psutil is not installed: only the direct child process can be ended")
+    except Exception as error:  # it ended meanwhile
+        logging.debug(f"listing the children of {pid}: {error}")
+    return []
+
+
+def endProcessTree(process, children, timeout=5.0, group=False):
+    """Terminate ``process`` (a ``subprocess.Popen``) and ``children``, then kill what is left.
+
+    ``group`` (POSIX, a child started in its own session): signal its whole process group too, which
+    reaches descendants that psutil could not list. The direct child is ended through subprocess, so
+    its exit code stays readable (psutil would reap it).
+    """
+    for child in children:
+        try:
+            child.terminate()
+        except Exception:  # ended meanwhile
+            pass
+    if group and os.name != "nt":
+        _signalGroup(process, signal.SIGTERM)
+    if process.poll() is None:
+        process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        if group and os.name != "nt":
+            _signalGroup(process, signal.SIGKILL)
+        process.kill()
+        process.wait(timeout)
+    if children:
+        import psutil
+        _, alive = psutil.wait_procs(children, timeout=timeout)
+        for child in alive:
+            try:
+                child.kill()
+            except Exception:
+                pass
+
+
+def _signalGroup(process, signalNumber):
+    try:
+        os.killpg(process.pid, signalNumber)  # the child leads its own group (start_new_session)
+    except OSError as error:
+        logging.debug(f"signalling process group {process.pid}: {error}")
 
 
 _PERCENT_LINE = re.compile(r"^\[\s*(\d+(?:\.\d*)?)%\]\s*(.*)$")

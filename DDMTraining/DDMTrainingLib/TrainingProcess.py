@@ -1,6 +1,9 @@
 """A ``ddm4d train`` run in a background process, read without blocking (no Qt).
 
-The child gets its own process group (POSIX: a new session), so a stop reaches its children too.
+The child runs hidden in its own process group (POSIX: a new session). Inside Slicer it is the
+PythonSlicer launcher, which runs the real trainer as its child and forwards no signals: Stop is a
+request file in the run folder (read by the trainer between iterations), and what does not end within
+the grace period is ended as a tree (process group and every descendant).
 Two reader threads read its output: JSON progress lines from stdout become events in a
 ``queue.Queue``; every other line (stdout or stderr) goes to a bounded log buffer. The owner
 drains the queue with :meth:`TrainingProcess.poll` from wherever it likes (the widget: a
@@ -15,10 +18,22 @@ import subprocess
 import threading
 import time
 
+from DDMInterpolationLib.BackgroundProcess import descendants, endProcessTree, hiddenProcessOptions
+from ddm4d import runfolder
+
 from .Constants import ERROR_LINES, KILL_GRACE_S, LOG_LINES, STOP_GRACE_S
 from .Events import TrainingStatus, parseEventLine
 
 _EVENT, _LOG, _STDERR = "event", "log", "stderr"
+
+
+def _running(process):
+    """A psutil process that runs (a zombie has ended)."""
+    try:
+        import psutil
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except Exception:  # NoSuchProcess: ended
+        return False
 
 
 def _normalized(path):
@@ -51,6 +66,7 @@ class TrainingProcess:
         self._queue = queue.Queue()
         self._readers = []
         self._killDeadline = None
+        self._tree = []  # descendants of the process when a stop began (psutil)
         self._forced = False  # the tree was terminated (the trainer did not stop in time, or kill())
 
     # ---------------------------------------------------------------------------------------------- start
@@ -80,14 +96,12 @@ class TrainingProcess:
             if other is not None and other.isAlive():
                 raise ValueError(f"a training run is already writing to {self.runDirectory} (process {other.pid}); "
                                  "stop it first or choose another output folder")
-            kwargs = {}
-            if os.name == "nt":
-                kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
-            else:
-                kwargs["start_new_session"] = True  # own session and process group: stop reaches the children
+            if self.runDirectory:
+                runfolder.clear_stop(self.runDirectory)  # a request left by an earlier run must not stop this one
             self.process = subprocess.Popen(
                 self.args, env=self.env, cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace", bufsize=1, **kwargs)
+                stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace", bufsize=1,
+                **hiddenProcessOptions())
             if key:
                 self._running[key] = self
         for stream, kind in ((self.process.stdout, _EVENT), (self.process.stderr, _STDERR)):
@@ -153,7 +167,7 @@ class TrainingProcess:
                 self.newLogLines.append(payload)
                 if kind == _STDERR:
                     self._stderrTail.append(payload)
-        if self._killDeadline is not None and self.process.poll() is None and time.monotonic() >= self._killDeadline:
+        if self._killDeadline is not None and self._treeAlive() and time.monotonic() >= self._killDeadline:
             logging.warning(f"ddm4d train (process {self.pid}) did not stop within the grace period; terminating it")
             self._killDeadline = None
             self._terminateTree()
@@ -180,6 +194,16 @@ class TrainingProcess:
         return not (self.stopRequested and code in (-signal.SIGINT, -signal.SIGTERM,
                                                      128 + signal.SIGINT, 128 + signal.SIGTERM))
 
+    def stopOutcome(self):
+        """What a stop really did, for the user: a checkpoint the trainer confirmed, or an ended tree."""
+        status = self.status
+        saved = os.path.basename(status.lastCheckpoint) if status.lastCheckpoint else None
+        if status.stopped:
+            return f"Stopped at iteration {status.iteration}; saved {saved or 'a checkpoint'}. Resume continues."
+        since = f"from {saved}" if saved else "from the start (no checkpoint was saved)"
+        return (f"Ended at iteration {status.iteration}: the trainer did not stop in time and was terminated, "
+                f"without a checkpoint of this iteration. Resume continues {since}.")
+
     def lastError(self):
         """What went wrong, for the user: the error event's message and the last stderr lines."""
         lines = []
@@ -200,27 +224,22 @@ class TrainingProcess:
     def stop(self, grace_s=STOP_GRACE_S, wait=True):
         """Ask the trainer to save a checkpoint and exit; end the whole process tree if it does not.
 
-        Sends SIGINT (Windows: CTRL_BREAK) to the trainer, which saves a checkpoint and exits.
-        ``wait=True`` blocks until it has exited, terminating (then killing) the process and its
-        children after ``grace_s`` seconds; ``wait=False`` returns at once and :meth:`poll` ends
-        the tree once the grace period is over. Returns the exit code, or None when still running.
+        The request is a stop file in the run folder, which the trainer reads between iterations: it
+        works on every platform and reaches the trainer behind the PythonSlicer launcher, which
+        forwards no signals (without a run folder: SIGINT to the process group, CTRL_BREAK on Windows).
+        ``wait=True`` blocks until every process of the tree has ended, terminating (then killing) what
+        is left after ``grace_s`` seconds; ``wait=False`` returns at once and :meth:`poll` ends the tree
+        once the grace period is over. Returns the exit code, or None when still running.
         """
         if self.process is None or self.process.poll() is not None:
             return self.returncode
         self.stopRequested = True
-        try:
-            if os.name == "nt":
-                self.process.send_signal(signal.CTRL_BREAK_EVENT)
-            else:
-                self.process.send_signal(signal.SIGINT)  # the trainer itself; it ends its own children
-        except OSError as error:  # it exited meanwhile
-            logging.debug(f"stop: {error}")
+        self._tree = descendants(self.process.pid)  # listed now: the launcher may end before them
+        self._requestStop()
         if not wait:
             self._killDeadline = time.monotonic() + grace_s
             return None
-        try:
-            self.process.wait(grace_s)
-        except subprocess.TimeoutExpired:
+        if not self._waitForTree(grace_s):
             logging.warning(f"ddm4d train (process {self.pid}) did not stop within {grace_s} s; terminating it")
             self._terminateTree()
         return self.wait()
@@ -233,52 +252,46 @@ class TrainingProcess:
         self._terminateTree()
         return self.wait()
 
-    def _terminateTree(self):
-        """Terminate the trainer and every descendant, then kill what is left after a few seconds.
+    def _requestStop(self):
+        if self.runDirectory:
+            try:
+                runfolder.request_stop(self.runDirectory)
+                return
+            except OSError as error:
+                logging.warning(f"cannot write the stop request into {self.runDirectory} ({error}); signalling")
+        try:
+            if os.name == "nt":
+                self.process.send_signal(signal.CTRL_BREAK_EVENT)  # reaches only a child that has a console
+            else:
+                os.killpg(self.process.pid, signal.SIGINT)
+        except OSError as error:  # it exited meanwhile
+            logging.debug(f"stop: {error}")
 
-        POSIX: SIGTERM goes to the whole process group while its leader (the trainer) is not yet
-        reaped, so the group id cannot belong to anyone else; descendants listed by psutil are
-        waited for and killed if needed (psutil checks that a pid still names the same process).
-        """
-        self._forced = True
-        children = []
+    def _treeAlive(self):
+        """The process or one of its descendants (as listed when the stop began) still runs."""
+        if self.process is None:
+            return False
+        return self.process.poll() is None or any(_running(child) for child in self._tree)
+
+    def _waitForTree(self, timeout):
+        """Wait up to ``timeout`` seconds for the process and its descendants; True when all ended."""
+        deadline = time.monotonic() + timeout
         try:
-            import psutil
-            children = psutil.Process(self.process.pid).children(recursive=True)
-        except ImportError:
-            logging.debug("psutil is not installed: ending the process group only")
-        except Exception as error:  # the process ended meanwhile
-            logging.debug(f"listing the children of {self.pid}: {error}")
-        if os.name != "nt":
-            self._signalGroup(signal.SIGTERM)
-        else:
-            for child in children:
-                try:
-                    child.terminate()
-                except Exception:
-                    pass
-            self.process.terminate()
-        try:
-            self.process.wait(KILL_GRACE_S)
+            self.process.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            if os.name != "nt":
-                self._signalGroup(signal.SIGKILL)
-            self.process.kill()
-            self.process.wait(KILL_GRACE_S)
-        if children:
+            return False
+        if self._tree:
             import psutil
-            _, alive = psutil.wait_procs(children, timeout=KILL_GRACE_S)
-            for child in alive:
-                try:
-                    child.kill()
-                except Exception:
-                    pass
+            _, alive = psutil.wait_procs(self._tree, timeout=max(0.0, deadline - time.monotonic()))
+            return not alive
+        return True
 
-    def _signalGroup(self, signalNumber):
-        try:
-            os.killpg(self.process.pid, signalNumber)  # the child leads its own group (start_new_session)
-        except OSError as error:
-            logging.debug(f"signalling process group {self.pid}: {error}")
+    def _terminateTree(self):
+        """Terminate the trainer and every descendant (the whole process group, and what psutil lists,
+        also below a launcher that has ended), then kill what is left after a few seconds."""
+        self._forced = True
+        children = {child.pid: child for child in self._tree + descendants(self.process.pid)}
+        endProcessTree(self.process, list(children.values()), KILL_GRACE_S, group=True)
 
     def wait(self, timeout=None):
         """Block until the process has ended and its output is read (console, tests, quit); exit code."""

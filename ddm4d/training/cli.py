@@ -56,6 +56,7 @@ class _Session:
             raise InputError("another process of this training failed to start (see its message)")
         self.created = None  # the run has started: its RUN_DIR stays
         self.stop.install(self.reporter)
+        self.stop.watch(run.run_dir)
         return run
 
     def close(self) -> None:
@@ -164,7 +165,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Exit codes: 0 done, 2 bad input, 130 stopped by SIGINT, 143 stopped by SIGTERM (checkpoint saved)."""
+    """Exit codes: 0 done (or stopped by a stop request in RUN_DIR), 2 bad input, 130 stopped by SIGINT, 143
+    stopped by SIGTERM (a checkpoint saved on every stop)."""
     names = {f.name for f in dataclasses.fields(TrainOptions)}
     values = {k: v for k, v in vars(args).items() if k in names}
     for key in ("size", "spacing"):

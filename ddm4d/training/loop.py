@@ -1,4 +1,4 @@
-"""The training loop: one optimiser step per iteration, checkpoints, validation, a clean stop on a signal."""
+"""The training loop: one optimiser step per iteration, checkpoints, validation, a clean stop on request."""
 from __future__ import annotations
 
 import math
@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..baselines import BaselineModel, save_any_model
+from ..baselines import BaselineModel
+from ..checkpoint import save_any_model
 from ..config import DDMConfig
 from ..device import autocast
 from .options import RUN, SIGNAL_EXIT, _STREAM_AUGMENT, _STREAM_ORDER, _STREAM_PAIRS, _STREAM_TRAIN, _STREAM_VALIDATION
@@ -91,13 +92,20 @@ def validation_loss(model: nn.Module, pairs: torch.Tensor, seed: int, device: to
 
 
 class StopFlag:
-    """SIGINT/SIGTERM ask for a clean stop after the current iteration; a second signal aborts at once."""
+    """A clean stop after the current iteration, asked for by SIGINT/SIGTERM or by a stop request in
+    RUN_DIR (ddm4d.runfolder.request_stop: every platform, also behind a launcher that forwards no
+    signals). A second signal aborts at once."""
 
     def __init__(self):
         self.signum: int | None = None
+        self.by_request = False
+        self._run_dir: Path | None = None
+        self._since = 0.0
+        self._reporter: Reporter | None = None
         self._previous: dict[int, Any] = {}
 
     def install(self, reporter: Reporter) -> None:
+        self._reporter = reporter
         if threading.current_thread() is not threading.main_thread():
             return  # signals reach only the main thread; a caller's thread stops by other means
 
@@ -111,10 +119,26 @@ class StopFlag:
         for sig in SIGNAL_EXIT:
             self._previous[sig] = signal.signal(sig, handler)
 
+    def watch(self, run_dir: Path) -> None:
+        """Honour stop requests in RUN_DIR written from now on (an older one is left from another run)."""
+        self._run_dir, self._since = run_dir, time.time()
+
+    def requested(self) -> bool:
+        if self.signum is not None or self.by_request:
+            return True
+        if self._run_dir is not None and rf.stop_requested(self._run_dir, self._since):
+            self.by_request = True
+            if self._reporter is not None:
+                self._reporter.warn(f"stop requested ({self._run_dir / rf.STOP_FILE}): stopping after this "
+                                    "iteration and saving a checkpoint")
+        return self.by_request
+
     def restore(self) -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
+        if self.by_request and self._run_dir is not None:
+            rf.clear_stop(self._run_dir)  # honoured: it must not stop the next run
 
 
 class Trainer:
@@ -208,7 +232,7 @@ class Trainer:
             self.ema.update(self.model)
             self.state.ema_updates = self.ema.updates
         stats = torch.stack([out[k].detach().float() for k in ("loss", "diffusion", "ncc", "smooth")]
-                            + [torch.tensor(float(self.stop.signum is not None), device=run.device)])
+                            + [torch.tensor(float(self.stop.requested()), device=run.device)])
         if run.dist.active:
             torch.distributed.all_reduce(stats)
             stats[:4] /= run.dist.world_size
@@ -281,12 +305,12 @@ class Trainer:
                 "eta_s": round(remaining / rate, 3) if rate > 0 else 0.0, "it_per_s": round(rate, 4)}
 
     def train(self) -> bool:
-        """Run to total_iterations or a signal; True when stopped by a signal."""
+        """Run to total_iterations or a stop; True when stopped (a signal or a stop request)."""
         run = self.run
         start_iteration = self.state.iteration
         started = time.perf_counter()
         elapsed_before = self.state.elapsed_s
-        stopped = not run.dist.all_ok(self.stop.signum is None, run.device)  # a signal before the first step
+        stopped = not run.dist.all_ok(not self.stop.requested(), run.device)  # a stop before the first step
         while self.state.iteration < run.total_iterations and not stopped:
             iteration = self.state.iteration
             stats = self.step(iteration)
