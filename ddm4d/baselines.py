@@ -33,21 +33,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import load_any_model, load_tensors, save_any_model, save_tensors
+from .checkpoint import load_tensors, save_tensors
 from .config import DDMConfig
 from .errors import InputError
 from .interface import Generation, check_one_pair, fields_over_gammas, gamma_tensor
 from .losses import local_ncc, smoothness
 from .methods import BASELINE_METHODS
+from .runfolder import BASELINE_FORMAT
 from .model import deform_chunk_size
 from .networks.blocks import crop_to, pad_to_multiple
 from .warp import warp
 
-# load_any_model, save_any_model and model_method are re-exported for ddm4d.training's imports
-__all__ = ["BASELINE_FORMAT", "VMDIFF_INTEGRATION_STEPS", "BaselineModel", "load_any_model", "load_baseline",
-           "model_method", "save_any_model", "save_baseline", "vxm_features"]
+__all__ = ["BASELINE_FORMAT", "VMDIFF_INTEGRATION_STEPS", "BaselineModel", "load_baseline", "save_baseline",
+           "vxm_features"]
 
-BASELINE_FORMAT = "ddm4d-baseline"
 #: scaling-and-squaring steps of VM-diff (VoxelMorph's default int_steps)
 VMDIFF_INTEGRATION_STEPS = 7
 
@@ -200,8 +199,3 @@ def load_baseline(path: str | os.PathLike, device: str | torch.device = "cpu") -
         raise InputError(f"{path}: baseline configuration and weights do not fit this ddm4d ({err})") from None
     model.info = meta.get("info", {})
     return model.to(device).eval()
-
-
-def model_method(model) -> str:
-    """``model.method``; kept for ddm4d.training, which imports it from here."""
-    return model.method

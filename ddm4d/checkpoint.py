@@ -17,9 +17,8 @@ from safetensors.torch import save_file
 from .config import DDMConfig
 from .errors import InputError
 from .files import atomic_write  # noqa: F401  (one implementation, in ddm4d.files; re-exported for callers)
+from .runfolder import MODEL_FORMAT  # the formats have one owner, ddm4d.runfolder
 
-MODEL_FORMAT = "ddm4d-model"
-STATE_FORMAT = "ddm4d-training-state"
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:

@@ -6,8 +6,7 @@ import signal
 from dataclasses import dataclass
 
 from ..errors import InputError
-
-METHODS = ("ddm", "vm", "vmdiff")
+from ..methods import METHODS
 
 
 #: exit codes after a clean stop: 128 + signal number

@@ -14,8 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..baselines import load_any_model, model_method
-from ..checkpoint import atomic_write
+from ..checkpoint import atomic_write, load_any_model
 from ..config import DDMConfig
 from ..data import Dataset, scan_dataset
 from ..errors import InputError
@@ -232,9 +231,9 @@ def resolve_run(o: TrainOptions, dist: Dist, device: torch.device, reporter: Rep
     dims = _spatial_dims(o, stored, dataset)
 
     init_model = load_any_model(o.init) if o.init and not (o.resume and stored) else None
-    method = o.method or (stored["method"] if stored else None) or (model_method(init_model) if init_model else "ddm")
-    if init_model is not None and model_method(init_model) != method:
-        raise InputError(f"--init {o.init} is a {model_method(init_model)} model but --method is {method}")
+    method = o.method or (stored["method"] if stored else None) or (init_model.method if init_model else "ddm")
+    if init_model is not None and init_model.method != method:
+        raise InputError(f"--init {o.init} is a {init_model.method} model but --method is {method}")
     stored_config = DDMConfig.from_dict(stored["config"]) if stored else None
     config = _model_config(o, dims, stored_config, init_model.config if init_model else None)
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import STATE_FORMAT, load_tensors, save_tensors
+from ..checkpoint import load_tensors, save_tensors
 from ..errors import InputError
 from .options import RUN
 from .reporting import Reporter
@@ -83,7 +83,7 @@ def save_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
-    meta = {"format": STATE_FORMAT, "version": rf.RUN_FORMAT_VERSION, "state": dataclasses.asdict(state),
+    meta = {"format": rf.STATE_FORMAT, "version": rf.RUN_FORMAT_VERSION, "state": dataclasses.asdict(state),
             "param_groups": opt["param_groups"], "optim_scalars": scalars, "numpy_rng": _numpy_rng_json(),
             "python_rng": _python_rng_json(), "fingerprint": fingerprint}
     return save_tensors(path, tensors, meta)
@@ -106,7 +106,7 @@ def restore_training_state(path: Path, model: nn.Module, optimizer: torch.optim.
                            device: torch.device) -> TrainState:
     """Load a checkpoint into model/optimiser/EMA and the global RNGs; InputError when it does not fit."""
     tensors, meta = load_tensors(path, "cpu")
-    if meta.get("format") != STATE_FORMAT or "state" not in meta:
+    if meta.get("format") != rf.STATE_FORMAT or "state" not in meta:
         raise InputError(f"{path} is not a ddm4d training checkpoint")
     parts = _split_tensors(tensors)
     try:
