@@ -161,16 +161,19 @@ def test_printed_command_line_reproduces_the_frames(demo_run, tmp_path):
         np.testing.assert_allclose(a, b, atol=1e-3 * float(np.ptp(a)))
 
 
-def _package_copy_without_models(root: Path) -> Path:
-    """demo.py beside a copy of the ddm4d package with no models folder anywhere near it."""
+def _package_copy_without_models(root: Path, script: str = "demo.py") -> Path:
+    """demo.py beside (or, as in a checkout, in scripts/ below) a copy of the ddm4d package with no
+    models folder anywhere near it."""
     shutil.copytree(REPO / "ddm4d", root / "ddm4d", ignore=shutil.ignore_patterns("models", "__pycache__"))
-    shutil.copy(DEMO, root / "demo.py")
-    return root / "demo.py"
+    (root / script).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(DEMO, root / script)
+    return root / script
 
 
-@pytest.mark.parametrize("dims", ["3", "2"])
-def test_no_bundled_model_exits_2_with_a_hint(tmp_path, dims):
-    demo = _package_copy_without_models(tmp_path / "pkg")
+@pytest.mark.parametrize("dims, script", [("3", "demo.py"), ("2", "demo.py"), ("3", "scripts/demo.py")])
+def test_no_bundled_model_exits_2_with_a_hint(tmp_path, dims, script):
+    """Also where another ddm4d (this checkout's, with its models) is installed: the copy beside wins."""
+    demo = _package_copy_without_models(tmp_path / "pkg", script)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = _run([demo, "--out", tmp_path / "out", "--model", "default", "--dims", dims], cwd=tmp_path,
                 timeout=120, env=env)

@@ -31,14 +31,16 @@ from pathlib import Path
 # spinning threads were measured to slow PyTorch's CPU kernels down many times over)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# the ddm4d beside this script (in a checkout: one folder up), never another one that is installed
+_HERE = Path(__file__).resolve().parent
+for _root in (_HERE, _HERE.parent):
+    if (_root / "ddm4d" / "__init__.py").is_file():
+        sys.path.insert(0, str(_root))
+        break
 try:
     import ddm4d  # noqa: F401
-except ImportError:  # run from a source checkout without installing: use the checkout's package
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    try:
-        import ddm4d  # noqa: F401
-    except ImportError as err:
-        sys.exit(f"demo: cannot import ddm4d ({err}); run `make demo` (it sets up .venv) or `pip install -e .`")
+except ImportError as err:
+    sys.exit(f"demo: cannot import ddm4d ({err}); run `make demo` (it sets up .venv) or `pip install -e .`")
 
 DEFAULT_SEED = 2026  # scripts/train_default_models.sh trains on seed 0 and evaluates on seed 1
 DEFAULT_2D_SIZE = (160, 160, 1)  # single-slice phantom for a 2D model (as in the training script)
