@@ -22,7 +22,7 @@ MODES = ("symmetric", "forward")
 MODE_ALIASES = {"bidirectional": "symmetric"}  # the old name of symmetric generation
 DEFAULT_MODE = "symmetric"
 DEFAULT_REFINE = True  # per-case refinement of the path (ddm4d.refine), started from the model
-# True: refined frames follow the model's own pace along the path; measured worse (phantom 2D 29.87 vs 30.01 dB)
+# False: frames evenly spaced along the refined path (True: at the model's own pace, which scored lower)
 DEFAULT_MODEL_TIMING = False
 
 
