@@ -113,6 +113,45 @@ def test_fields_are_itk_displacement_transforms_that_reproduce_the_frames(pair, 
     assert report["device"] == "cpu" and len(report["jacobians"]) == 5
 
 
+def test_jacobians_written_are_the_fields_determinants_and_match_the_folding_report(generated):
+    from ddm4d.geometry import folding_fraction, jacobian_determinant
+    report = json.loads((generated / "report.json").read_text())
+    for field_path, jacobian_path in zip(report["fields"], report["jacobians"]):
+        field = sitk.ReadImage(field_path)
+        expected = sitk.GetArrayFromImage(jacobian_determinant(field))
+        np.testing.assert_allclose(sitk.GetArrayFromImage(sitk.ReadImage(jacobian_path)), expected, atol=1e-5)
+        assert folding_fraction(field) == pytest.approx(np.count_nonzero(expected <= 0) / expected.size)
+
+
+def test_outputs_and_compression_are_choices_and_the_frames_stay_the_same(pair, generated, tmp_path, capsys):
+    """`--outputs fields --compress 0`: frames (.nii) and fields (raw NRRD) only, the same values."""
+    out = tmp_path / "few"
+    code = cli(["generate", "--source", str(pair / "source.nii.gz"), "--target", str(pair / "target.nrrd"),
+                "--model", str(pair / "model.safetensors"), "--frames", "5", "--seg", str(pair / "labels.nii.gz"),
+                "--device", "cpu", "--out", str(out), "--quiet", "--mode", "forward", "--outputs", "fields",
+                "--compress", "0"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["outputs"] == ["fields"] and report["compression"] == 0
+    assert all(p.endswith(".nii") for p in report["frames"]) and len(report["fields"]) == 5
+    assert report["jacobians"] == [] and "labels" not in report and "sequence" not in report
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert written == sorted([f"frames/frame_{i:03d}.nii" for i in range(5)]
+                             + [f"fields/field_{i:03d}.nrrd" for i in range(5)] + ["report.json"])
+    assert b"encoding: raw" in Path(report["fields"][2]).read_bytes()[:1000]
+    full = json.loads((generated / "report.json").read_text())
+    for key in ("frames", "fields"):
+        for a, b in zip(report[key], full[key]):
+            np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(a)),
+                                          sitk.GetArrayFromImage(sitk.ReadImage(b)))
+    capsys.readouterr()
+    code = cli(["generate", "--source", str(pair / "source.nii.gz"), "--target", str(pair / "target.nrrd"),
+                "--out", str(tmp_path / "bad"), "--outputs", "fields,jacobian", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "unknown output(s) jacobian" in err[0]
+    assert not (tmp_path / "bad").exists()
+
+
 def test_slicer_sequence_file_reads_back_with_slicers_storage_node(pair, generated):
     slicer = pytest.importorskip("slicer", reason="slicer-core (the test extra) reads .seq.nrrd")
     scene = slicer.vtkMRMLScene()

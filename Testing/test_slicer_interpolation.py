@@ -463,6 +463,7 @@ def test_build_command_writes_exact_inputs(scene, logic, pair, tmp_path):
                                   sitk.GetArrayFromImage(target))
     assert option("--model") == str(model) and option("--fit-steps") == "20" and option("--device") == "cpu"
     assert option("--mode") == "symmetric" and "--refine" in args  # ddm4d's defaults
+    assert option("--outputs") == "fields,labels" and option("--compress") == "0"  # what it loads, uncompressed
     forward = logic.buildGenerateCommand(str(tmp_path / "out3"), sourceNode, targetNode, mode="forward", refine=False)
     assert forward.args[forward.args.index("--mode") + 1] == "forward" and "--no-refine" in forward.args
     old_name = logic.buildGenerateCommand(str(tmp_path / "out4"), sourceNode, targetNode, mode="bidirectional")

@@ -27,13 +27,13 @@ from .config import (DDMConfig, DEFAULT_MODE, DEFAULT_MODEL_TIMING, DEFAULT_REFI
                      RefineConfig)
 from .device import PRECISIONS, autocast, check_precision, resolve_device, uses_bf16
 from .errors import Cancelled, InputError
-from .geometry import ModelMapping, folding_fraction, to_model_grid, warp_image
+from .geometry import ModelMapping, folding_of, jacobian_determinant, to_model_grid, warp_image
 from .inputs import as_labels, in_input_dims, read_pair
 from .interface import Generation, Model
 from .io import read_cine
 from .metrics import ACDC_STRUCTURES, label_volumes_ml
 from .model import DDM
-from .outputs import VOLUME_STRUCTURES, write_outputs, write_sequence_nrrd
+from .outputs import OUTPUTS, VOLUME_STRUCTURES, parse_outputs, write_outputs, write_sequence_nrrd
 from .refine import Refinement, _axis_spacing, path_fields, refine_velocity, refinement_grid
 from .svf import compose, invert, logarithm
 
@@ -72,18 +72,23 @@ class GenerationResult:
     messages: list[str] = field(default_factory=list)
     refinement: dict[str, Any] | None = None  # where refinement started, its time and objective
     score: dict[str, Any] | None = None  # against a cine's real in-between frames (ddm4d.cine.score_frames)
+    jacobians: list[sitk.Image] = field(default_factory=list)  # det(I + grad u) of each field, float32
 
     def label_volumes_ml(self) -> list[dict[str, float]]:
         """Volume (mL) of the LV blood pool, LV myocardium and RV in every propagated label frame."""
         structures = {k: ACDC_STRUCTURES[k] for k in VOLUME_STRUCTURES}
         return [label_volumes_ml(img, labels=structures) for img in self.labels or []]
 
-    def write(self, out_dir: str | os.PathLike, quicklook: bool = True) -> dict[str, Any]:
-        """Write everything into a temporary folder beside `out_dir`, then move it into place.
+    def write(self, out_dir: str | os.PathLike, quicklook: bool = True, outputs: str | Sequence[str] | None = None,
+              compression: int | None = None) -> dict[str, Any]:
+        """Write the frames, report.json and the chosen `outputs` (default all of ddm4d.outputs.OUTPUTS)
+        into a temporary folder beside `out_dir`, then move it into place. `compression`: None, ITK's
+        default (.nii.gz); 0, none (.nii, raw NRRD: fastest); 1-9, that zlib level.
 
         `out_dir` must be new, empty or hold only an earlier result (ddm4d.files: nothing ddm4d did
         not write is ever deleted); otherwise InputError, before anything is written."""
-        return write_outputs(self, Path(out_dir), quicklook)
+        chosen = tuple(o for o in parse_outputs(outputs) if quicklook or o != "quicklook")
+        return write_outputs(self, Path(out_dir), chosen, compression)
 
 
 # ------------------------------------------------------------------------------------------ the API
@@ -181,7 +186,7 @@ def generate(source, target=None, model: Any = "default", frames: int = 10, gamm
 
     t = time.perf_counter()
     mapping = paths.mapping
-    frames_out, fields_out, labels_out, folding = [], [], [], []
+    frames_out, fields_out, labels_out, jacobians, folding = [], [], [], [], []
     fov = mapping.fov_mask(erode=1)
     for g in gamma_list:
         fld = mapping.field_to_physical(paths.forward[g][0].numpy())
@@ -191,15 +196,18 @@ def generate(source, target=None, model: Any = "default", frames: int = 10, gamm
             frame = cross_fade(frame, warp_image(mapping.target, back, "linear"), g)
         frames_out.append(frame)
         fields_out.append(fld)
-        folding.append(folding_fraction(fld, mask=fov))
+        jacobians.append(jacobian_determinant(fld))  # once: for the folding report and the written file
+        folding.append(folding_of(jacobians[-1], mask=fov))
         if labels_img is not None:
             labels_out.append(warp_image(labels_img, fld, "nearest", default_value=0))
-    frames_out, fields_out, labels_out = in_input_dims(source_img, frames_out, fields_out, labels_out)
+    frames_out, fields_out, labels_out, jacobians = in_input_dims(source_img, frames_out, fields_out, labels_out,
+                                                                  jacobians)
     timings["postprocess"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     report(1.0, "done")
     return GenerationResult(gammas=gamma_list, frames=frames_out, fields=fields_out,
                             labels=labels_out if labels_img is not None else None, folding_fraction=folding,
+                            jacobians=jacobians,
                             timings_s=timings, device=str(torch_device), model=model_name, mode=mode,
                             precision="bf16" if net is not None and uses_bf16(torch_device, precision, cpu_auto=True)
                             else "fp32",
@@ -495,6 +503,12 @@ def add_arguments(parser) -> None:
                         help="the networks' passes: auto = bf16 on a GPU and on CPUs with native bf16 (AVX512-BF16, "
                              "AMX; 1.6x faster generation measured, within 0.05 dB of fp32), else fp32 (default auto)")
     parser.add_argument("--seed", type=int, default=0, help="seed for --fit-steps")
+    parser.add_argument("--outputs", default="all", metavar="LIST",
+                        help=f"what to write beside the frames and report.json: all (default), none, or a comma-"
+                        f"separated choice of {', '.join(OUTPUTS)} (the Slicer module asks for fields,labels)")
+    parser.add_argument("--compress", type=int, metavar="LEVEL", choices=range(10),
+                        help="0: uncompressed .nii and NRRD (fastest to write and to load); 1-9: that zlib level "
+                        "(default: ITK's, .nii.gz)")
     parser.add_argument("--no-quicklook", action="store_true", help="skip the montage PNG and GIF")
     parser.add_argument("--score", action="store_true",
                         help="with a cine and --source-frame/--target-frame: generate at the times of the real frames "
@@ -529,6 +543,7 @@ def main(args) -> int:
     center = _parse_floats(args.center, "--center", 3) if args.center else None
     if args.chunk_size is not None and args.chunk_size < 1:
         raise InputError(f"--chunk-size must be at least 1, got {args.chunk_size}")
+    outputs = parse_outputs(args.outputs)  # a misspelt name: refused before any work
     out = Path(args.out)
     files.check_replaceable(out, "--out", "ddm4d generate")  # before any work; again when writing
     _gammas(frames if gammas is None else None, gammas)  # e.g. --frames 100000: refused before anything loads
@@ -549,7 +564,7 @@ def main(args) -> int:
     if cine is not None:
         from .cine import score_frames
         result.score = score_frames(result.frames, result.gammas, cine, args.source_frame, args.target_frame)
-    report = result.write(out, quicklook=not args.no_quicklook)
+    report = result.write(out, quicklook=not args.no_quicklook, outputs=outputs, compression=args.compress)
     t = report["timings_s"]
     print(f"wrote {len(result.frames)} frames to {out} on {result.device} in {t['total'] + t['write']:.2f} s "
           f"(model {t.get('code', 0) + t.get('deform', 0):.2f} s); max folding {100 * max(result.folding_fraction):.3f}%")

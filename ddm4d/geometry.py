@@ -392,8 +392,12 @@ def folding_fraction(field, mask=None) -> float:
     On a source-grid field from field_to_physical the step to zero at the edge of the model's field of
     view can count as folding; pass mask=mapping.fov_mask(erode=1) (or a heart mask) to leave it out.
     """
-    det = jacobian_determinant(field)
-    det = sitk.GetArrayFromImage(det) if isinstance(det, sitk.Image) else det  # a copy: det is rebound
+    return folding_of(jacobian_determinant(field), mask)
+
+
+def folding_of(det, mask=None) -> float:
+    """folding_fraction from a Jacobian determinant already computed (image or array)."""
+    det = sitk.GetArrayFromImage(det) if isinstance(det, sitk.Image) else np.asarray(det)
     if mask is not None:
         m = sitk.GetArrayViewFromImage(mask) if isinstance(mask, sitk.Image) else np.asarray(mask)
         if m.shape != det.shape:

@@ -532,11 +532,12 @@ def _sort_along_normal(names: list[str]) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------- writing
 
-def write_image(image: sitk.Image, path: str | os.PathLike) -> Path:
+def write_image(image: sitk.Image, path: str | os.PathLike, compression: int | None = None) -> Path:
     """Write by extension (.nii.gz, .nii, .nrrd, .mha) atomically: a reader never sees a partial file.
 
     The image goes to a temporary file in the destination folder, then os.replace puts it in place;
-    parent folders are created. Returns the path written.
+    parent folders are created. `compression`: None, ITK's default (NRRD and MHA compressed, NIfTI by
+    its name: .nii.gz or .nii); 0, none (NRRD and MHA raw); 1-9, that zlib level. Returns the path.
     """
     if not isinstance(image, sitk.Image):
         raise TypeError(f"write_image needs a SimpleITK image, got {type(image).__name__}")
@@ -545,11 +546,16 @@ def write_image(image: sitk.Image, path: str | os.PathLike) -> Path:
     if ext not in WRITE_EXTENSIONS:
         raise InputError(f"{_name(path)}: unsupported output extension {ext or '(none)'!r}; use one of "
                          f"{', '.join(WRITE_EXTENSIONS)}")
-    return atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, useCompression=ext in (".nrrd", ".mha")),
-                        suffix=ext)
+    if compression is not None and not 0 <= compression <= 9:
+        raise ValueError(f"compression must be 0 (none) to 9, got {compression}")
+    compress = ext in (".nrrd", ".mha") if compression is None else compression > 0
+    level = -1 if compression is None else compression
+    return atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, useCompression=compress,
+                                                          compressionLevel=level), suffix=ext)
 
 
-def write_cine(frames: Sequence[sitk.Image], path: str | os.PathLike, frame_time: float = 1.0) -> Path:
+def write_cine(frames: Sequence[sitk.Image], path: str | os.PathLike, frame_time: float = 1.0,
+               compression: int | None = None) -> Path:
     """Write 3D frames of one geometry as a 4D file (x, y, z, t); `frame_time` is the t spacing.
 
     2D frames become single slices (x, y, 1, t): NIfTI keeps time on its fourth axis, and read_cine
@@ -569,4 +575,4 @@ def write_cine(frames: Sequence[sitk.Image], path: str | os.PathLike, frame_time
     ref = same[0]
     for f in same[1:]:
         f.CopyInformation(ref)
-    return write_image(sitk.JoinSeries(same, 0.0, float(frame_time)), path)
+    return write_image(sitk.JoinSeries(same, 0.0, float(frame_time)), path, compression)

@@ -16,7 +16,6 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import files
-from .geometry import jacobian_determinant
 from .io import write_cine, write_image
 from .metrics import STRUCTURE_NAMES
 
@@ -28,8 +27,10 @@ VOLUME_STRUCTURES = ("lv_blood_pool", "lv_myocardium", "rv")
 
 
 def write_sequence_nrrd(images: Sequence[sitk.Image], path: str | os.PathLike, index_values: Sequence[float],
-                        index_name: str = "gamma", node_class: str = "vtkMRMLScalarVolumeNode") -> Path:
-    """A Slicer volume sequence (.seq.nrrd): one 4D NRRD, list axis last, items on one shared grid.
+                        index_name: str = "gamma", node_class: str = "vtkMRMLScalarVolumeNode",
+                        level: int = 6) -> Path:
+    """A Slicer volume sequence (.seq.nrrd): one 4D NRRD, list axis last, items on one shared grid,
+    gzip `level` (0: raw).
 
     Slicer's volumes are 3D (it reads no 2D item): 2D images are written as single slices."""
     images = [sitk.JoinSeries(img) if img.GetDimension() == 2 else img for img in images]
@@ -46,14 +47,16 @@ def write_sequence_nrrd(images: Sequence[sitk.Image], path: str | os.PathLike, i
         f"sizes: {' '.join(str(s) for s in ref.GetSize())} {len(images)}",
         f"space directions: {' '.join(vec(c) for c in columns)} none",
         "kinds: domain domain domain list", f'labels: "" "" "" "{index_name}"',
-        "endian: little", "encoding: gzip", f"space origin: {vec(ref.GetOrigin())}",
+        "endian: little", f"encoding: {'gzip' if level > 0 else 'raw'}", f"space origin: {vec(ref.GetOrigin())}",
         "axis 3 index type:=numeric",
         "axis 3 index values:=" + " ".join(f"{v:.6g}" for v in index_values),
         f"DataNodeClassName:={node_class}",
     ]
     import gzip
 
-    payload = gzip.compress(np.ascontiguousarray(data).astype(data.dtype.newbyteorder("<")).tobytes(), 6)
+    payload = np.ascontiguousarray(data).astype(data.dtype.newbyteorder("<")).tobytes()
+    if level > 0:
+        payload = gzip.compress(payload, level)
 
     def write(tmp):
         with open(tmp, "wb") as f:
@@ -63,12 +66,43 @@ def write_sequence_nrrd(images: Sequence[sitk.Image], path: str | os.PathLike, i
     return files.atomic_write(path, write)
 
 
-def write_outputs(result: GenerationResult, out_dir: Path, quicklook: bool) -> dict[str, Any]:
-    """The result folder, replaced as a whole under the rule of ddm4d.files (checked before writing)."""
+# what `ddm4d generate --outputs` can choose; the frames and report.json are always written
+OUTPUTS = ("fields", "jacobians", "labels", "frames_4d", "sequences", "quicklook")
+OUTPUT_HELP = {"fields": "fields/field_NNN.nrrd", "jacobians": "fields/jacobian_NNN", "labels":
+               "labels/labels_NNN with --seg, volumes.csv", "frames_4d": "frames_4d", "sequences":
+               "frames.seq.nrrd (and labels.seq.nrrd)", "quicklook": "montage.png, frames.gif, volumes.png"}
+
+
+def parse_outputs(outputs: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The chosen outputs in OUTPUTS order: None or "all" = all; "" or "none" = the frames only."""
+    from .errors import InputError
+
+    if outputs is None:
+        return OUTPUTS
+    names = [n.strip() for n in outputs.split(",")] if isinstance(outputs, str) else [str(n) for n in outputs]
+    names = [n for n in names if n and n != "none"]
+    if names == ["all"]:
+        return OUTPUTS
+    unknown = [n for n in names if n not in OUTPUTS]
+    if unknown:
+        raise InputError(f"unknown output(s) {', '.join(unknown)} in --outputs; choose from all, none, "
+                         f"{', '.join(OUTPUTS)} (the frames and report.json are always written)")
+    return tuple(n for n in OUTPUTS if n in names)
+
+
+def write_outputs(result: GenerationResult, out_dir: Path, outputs: Sequence[str] = OUTPUTS,
+                  compression: int | None = None) -> dict[str, Any]:
+    """The result folder, replaced as a whole under the rule of ddm4d.files (checked before writing).
+
+    `compression`: None, ITK's default (.nii.gz, compressed NRRD); 0, none (.nii, raw NRRD: written
+    several times faster, 2-3x the size); 1-9, that zlib level."""
+    if compression is not None and not 0 <= compression <= 9:
+        from .errors import InputError
+        raise InputError(f"--compress must be 0 (none) to 9, got {compression}")
     t0 = time.perf_counter()
 
     def fill(tmp: Path, final: Path) -> dict[str, Any]:
-        report = _write_into(result, tmp, final, quicklook)
+        report = _write_into(result, tmp, final, set(outputs), compression)
         report["timings_s"]["write"] = time.perf_counter() - t0
         report.update(files.manifest(tmp))  # every file it wrote: a later run may replace them, nothing else
         files.write_text(tmp / files.MANIFEST, json.dumps(report, indent=2))  # last: it lists the others
@@ -77,34 +111,43 @@ def write_outputs(result: GenerationResult, out_dir: Path, quicklook: bool) -> d
     return files.replace_folder(out_dir, fill, "--out", "ddm4d generate")
 
 
-def _write_into(result: GenerationResult, tmp: Path, final: Path, quicklook: bool) -> dict[str, Any]:
+def _write_into(result: GenerationResult, tmp: Path, final: Path, outputs: set[str],
+                compression: int | None) -> dict[str, Any]:
     """Image files are written by a few threads: SimpleITK's writers and zlib release the GIL, and
     compressing some 30 volumes was most of the end-to-end time (benchmarks/bench.py)."""
     n = len(result.gammas)
-    frame_paths = [f"frames/frame_{i:03d}.nii.gz" for i in range(n)]
-    field_paths = [f"fields/field_{i:03d}.nrrd" for i in range(n)]
-    jac_paths = [f"fields/jacobian_{i:03d}.nii.gz" for i in range(n)]
-    label_paths = [f"labels/labels_{i:03d}.nii.gz" for i in range(n)] if result.labels else []
+    nifti = ".nii" if compression == 0 else ".nii.gz"
+    frame_paths = [f"frames/frame_{i:03d}{nifti}" for i in range(n)]
+    field_paths = [f"fields/field_{i:03d}.nrrd" for i in range(n)] if "fields" in outputs else []
+    jac_paths = [f"fields/jacobian_{i:03d}{nifti}" for i in range(n)] if "jacobians" in outputs else []
+    labels = result.labels if result.labels and "labels" in outputs else []
+    label_paths = [f"labels/labels_{i:03d}{nifti}" for i in range(len(labels))]
+    sequences = "sequences" in outputs
+    level = 6 if compression is None else compression  # of the .seq.nrrd files, written by hand
     jobs = []
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        for i in range(n):
-            jobs.append(pool.submit(write_image, result.frames[i], tmp / frame_paths[i]))
-            jobs.append(pool.submit(write_image, result.fields[i], tmp / field_paths[i]))
-            jobs.append(pool.submit(_write_jacobian, result.fields[i], tmp / jac_paths[i]))
-        jobs.append(pool.submit(write_cine, result.frames, tmp / "frames_4d.nii.gz"))
-        jobs.append(pool.submit(write_sequence_nrrd, result.frames, tmp / "frames.seq.nrrd", result.gammas))
-        for img, path in zip(result.labels or [], label_paths):
-            jobs.append(pool.submit(write_image, img, tmp / path))
-        if result.labels:
-            jobs.append(pool.submit(write_sequence_nrrd, result.labels, tmp / "labels.seq.nrrd", result.gammas,
-                                    node_class="vtkMRMLLabelMapVolumeNode"))
+        for frame, path in zip(result.frames, frame_paths):
+            jobs.append(pool.submit(write_image, frame, tmp / path, compression))
+        for fld, path in zip(result.fields, field_paths):
+            jobs.append(pool.submit(write_image, fld, tmp / path, compression))
+        for jac, path in zip(result.jacobians, jac_paths):
+            jobs.append(pool.submit(write_image, jac, tmp / path, compression))
+        if "frames_4d" in outputs:
+            jobs.append(pool.submit(write_cine, result.frames, tmp / f"frames_4d{nifti}", 1.0, compression))
+        if sequences:
+            jobs.append(pool.submit(write_sequence_nrrd, result.frames, tmp / "frames.seq.nrrd", result.gammas,
+                                    level=level))
+        for img, path in zip(labels, label_paths):
+            jobs.append(pool.submit(write_image, img, tmp / path, compression))
+        if labels and sequences:
+            jobs.append(pool.submit(write_sequence_nrrd, labels, tmp / "labels.seq.nrrd", result.gammas,
+                                    node_class="vtkMRMLLabelMapVolumeNode", level=level))
         for job in jobs:
             job.result()  # the first failure, in order
     report: dict[str, Any] = {
         "gammas": result.gammas, "frames": [str(final / p) for p in frame_paths],
         "fields": [str(final / p) for p in field_paths], "jacobians": [str(final / p) for p in jac_paths],
-        "frames_4d": str(final / "frames_4d.nii.gz"), "sequence": str(final / "frames.seq.nrrd"),
-        "device": result.device, "model": result.model, "mode": result.mode, "precision": result.precision,
+        "outputs": sorted(outputs, key=OUTPUTS.index), "compression": compression, "device": result.device, "model": result.model, "mode": result.mode, "precision": result.precision,
         "timings_s": dict(result.timings_s), "folding_fraction": result.folding_fraction,
         "field_convention": "LPS millimetres, pull: frame(x) = source(x + u(x)); SimpleITK DisplacementFieldTransform",
         "model_grid": {"size": list(result.mapping.grid.GetSize()), "spacing": list(result.mapping.grid.GetSpacing()),
@@ -122,20 +165,21 @@ def _write_into(result: GenerationResult, tmp: Path, final: Path, quicklook: boo
     if result.fit_losses:
         report["fit"] = {"steps": len(result.fit_losses), "first_loss": result.fit_losses[0],
                          "last_loss": result.fit_losses[-1]}
-    if result.labels:
+    if "frames_4d" in outputs:
+        report["frames_4d"] = str(final / f"frames_4d{nifti}")
+    if sequences:
+        report["sequence"] = str(final / "frames.seq.nrrd")
+    if labels:
         report["labels"] = [str(final / p) for p in label_paths]
-        report["labels_sequence"] = str(final / "labels.seq.nrrd")
-        report.update(_write_volumes(result, tmp, final))
-    if quicklook:
+        if sequences:
+            report["labels_sequence"] = str(final / "labels.seq.nrrd")
+        report.update(_write_volumes(result, tmp, final, plot="quicklook" in outputs))
+    if "quicklook" in outputs:
         report.update(_write_quicklook(result, tmp, final))
     return report
 
 
-def _write_jacobian(field: sitk.Image, path: Path) -> None:
-    write_image(sitk.Cast(jacobian_determinant(field), sitk.sitkFloat32), path)
-
-
-def _write_volumes(result: GenerationResult, tmp: Path, final: Path) -> dict[str, Any]:
+def _write_volumes(result: GenerationResult, tmp: Path, final: Path, plot: bool) -> dict[str, Any]:
     volumes = result.label_volumes_ml()
     table = io.StringIO(newline="")
     writer = csv.writer(table)
@@ -145,7 +189,10 @@ def _write_volumes(result: GenerationResult, tmp: Path, final: Path) -> dict[str
     files.write_text(tmp / "volumes.csv", table.getvalue())
     first, last = volumes[0]["lv_blood_pool"], volumes[-1]["lv_blood_pool"]
     ef = (first - last) / first if first > 0 else None
-    from .plotting import figure, save_png
+    found = {"volumes_ml": volumes, "ejection_fraction": ef, "volumes_csv": str(final / "volumes.csv")}
+    if not plot:
+        return found
+    from .plotting import figure, save_png  # matplotlib: imported only when a plot is written
 
     fig = figure(6, 3.5)
     ax = fig.subplots()
@@ -160,8 +207,7 @@ def _write_volumes(result: GenerationResult, tmp: Path, final: Path) -> dict[str
     ax.legend(fontsize=8)
     fig.tight_layout()
     save_png(fig, tmp / "volumes.png", dpi=100)
-    return {"volumes_ml": volumes, "ejection_fraction": ef, "volumes_csv": str(final / "volumes.csv"),
-            "volumes_png": str(final / "volumes.png")}
+    return {**found, "volumes_png": str(final / "volumes.png")}
 
 
 def _middle_slices(result: GenerationResult) -> list[np.ndarray]:

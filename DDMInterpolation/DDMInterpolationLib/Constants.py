@@ -17,6 +17,9 @@ PLAYBACK_MAX_FPS = 30.0
 TRANSFORM_VISUALIZATIONS = ("glyph", "grid", "contour")
 DEFAULT_TRANSFORM_VISUALIZATION = "glyph"
 
+# What the background `ddm4d generate` writes beside the frames: only what loadGenerateOutputs reads
+GENERATE_OUTPUTS = ("fields", "labels")
+
 # Index of the generated sequences when nothing better is known (two-volume input)
 GAMMA_INDEX_NAME = "gamma"
 

@@ -218,6 +218,8 @@ class DDMInterpolationLogic:
                 "--fit-steps", str(inputs.fitSteps), "--device", inputs.device, "--mode", inputs.mode,
                 "--refine" if inputs.refine else "--no-refine"]
         args += ["--model", "none" if inputs.model is None else str(inputs.model)]
+        # only what loadGenerateOutputs reads, uncompressed: the work folder is temporary
+        args += ["--outputs", ",".join(C.GENERATE_OUTPUTS), "--compress", "0"]
         if inputs.labels is not None:
             labelsPath = os.path.join(inputsDirectory, "labels.nrrd")
             sitk.WriteImage(inputs.labels, labelsPath, True)
