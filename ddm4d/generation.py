@@ -186,20 +186,24 @@ def generate(source, target=None, model: Any = "default", frames: int = 10, gamm
 
     t = time.perf_counter()
     mapping = paths.mapping
-    frames_out, fields_out, labels_out, jacobians, folding = [], [], [], [], []
     fov = mapping.fov_mask(erode=1)
-    for g in gamma_list:
+
+    def on_source_grid(g: float) -> tuple:
+        """Field, frame, Jacobian (once: for the folding report and the written file) and labels of one gamma."""
         fld = mapping.field_to_physical(paths.forward[g][0].numpy())
         frame = warp_image(mapping.source, fld, "linear")
         if mode == "symmetric":
             back = mapping.field_to_physical(paths.backward[g][0].numpy())
             frame = cross_fade(frame, warp_image(mapping.target, back, "linear"), g)
-        frames_out.append(frame)
-        fields_out.append(fld)
-        jacobians.append(jacobian_determinant(fld))  # once: for the folding report and the written file
-        folding.append(folding_of(jacobians[-1], mask=fov))
-        if labels_img is not None:
-            labels_out.append(warp_image(labels_img, fld, "nearest", default_value=0))
+        jacobian = jacobian_determinant(fld)
+        labels = warp_image(labels_img, fld, "nearest", default_value=0) if labels_img is not None else None
+        return frame, fld, jacobian, folding_of(jacobian, mask=fov), labels
+
+    # one gamma after the other: ITK filters that share an input image (the source, the labels) must
+    # not run at once (each sets the input's requested region; frames came out corrupted in threads)
+    done = [on_source_grid(g) for g in gamma_list]
+    frames_out, fields_out, jacobians, folding, labels_out = (list(column) for column in zip(*done))
+    labels_out = labels_out if labels_img is not None else []
     frames_out, fields_out, labels_out, jacobians = in_input_dims(source_img, frames_out, fields_out, labels_out,
                                                                   jacobians)
     timings["postprocess"] = time.perf_counter() - t

@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""End to end as a user feels it: the wall clock of `ddm4d generate` from files, against its model time.
+
+The command runs as a user runs it (a fresh interpreter: start-up, imports, reading, the networks,
+mapping back to the source geometry, writing) on a phantom pair of the default 3D model grid
+(128 x 128 x 32), 11 frames, with the bundled 3D model; the model time is report.json's code + deform.
+Each variant runs `--repeats` times, the fastest counts (file caches warm).
+
+    python benchmarks/end_to_end.py --out benchmarks/results/end_to_end
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))  # the ddm4d beside this script
+
+# (name, model, extra options of ddm4d generate). "grid": a DDM on the 128 x 128 x 32 model grid (random
+# weights: the time does not depend on them), the size the speed targets are set for; "bundled": the
+# bundled 3D model (a 64 x 64 x 16 grid). The paper's path (forward, no refinement) is the model path.
+PAPER = ["--mode", "forward", "--no-refine"]
+VARIANTS = (
+    ("all outputs, .nii.gz (the CLI's default)", "grid", PAPER),
+    ("what Slicer loads, uncompressed", "grid", PAPER + ["--outputs", "fields,labels", "--compress", "0"]),
+    ("frames only, uncompressed", "grid", PAPER + ["--outputs", "none", "--compress", "0"]),
+    ("bundled 3D model, all outputs", "bundled", PAPER),
+    ("bundled 3D model, default path (symmetric + refinement), all outputs", "bundled", []),
+)
+
+
+def make_pair(folder: Path, size=(128, 128, 32)) -> tuple[Path, Path, Path]:
+    """ED and ES of one phantom subject (a seed no bundled model saw) and the ED labels, as NIfTI."""
+    from ddm4d.io import write_image
+    from ddm4d.phantom import make_subject
+
+    subject = make_subject(seed=7, size=size)
+    paths = folder / "ed.nii.gz", folder / "es.nii.gz", folder / "ed_labels.nii.gz"
+    write_image(subject.images[subject.ed], paths[0])
+    write_image(subject.images[subject.es], paths[1])
+    write_image(subject.labels[subject.ed], paths[2])
+    return paths
+
+
+def grid_model(folder: Path) -> Path:
+    import torch
+
+    from ddm4d.checkpoint import save_model
+    from ddm4d.config import DDMConfig
+    from ddm4d.model import DDM
+
+    torch.manual_seed(0)
+    return save_model(DDM(DDMConfig(image_size=(128, 128, 32))), folder / "grid128.safetensors")
+
+
+def run(pair, model: str, extra, out: Path, threads: int) -> dict:
+    source, target, labels = pair
+    cmd = [sys.executable, "-m", "ddm4d", "generate", "--source", str(source), "--target", str(target),
+           "--seg", str(labels), "--frames", "11", "--device", "cpu", "--out", str(out), "--quiet",
+           "--model", model, *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+    started = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    wall = time.perf_counter() - started
+    if done.returncode:
+        raise SystemExit(f"ddm4d generate failed:\n{done.stderr}")
+    report = json.loads((out / "report.json").read_text())
+    t = report["timings_s"]
+    model = t.get("code", 0.0) + t.get("deform", 0.0)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    return {"wall_s": wall, "model_s": model, "ratio": wall / model, "timings_s": t, "megabytes": size / 2 ** 20,
+            "precision": report.get("precision")}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--out", help="write OUT.json and OUT.md (a folder's files are never replaced otherwise)")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ddm4d-e2e-") as scratch:
+        folder = Path(scratch)
+        pair = make_pair(folder)
+        models = {"grid": str(grid_model(folder)), "bundled": "default"}
+        for name, model, extra in VARIANTS:
+            runs = [run(pair, models[model], extra, folder / f"out{i}", args.threads) for i in range(args.repeats)]
+            best = min(runs, key=lambda r: r["wall_s"])
+            best["wall_s_median"] = statistics.median(r["wall_s"] for r in runs)
+            rows.append({"variant": name, "model": model, "options": extra, **best})
+            print(f"{name}: {best['wall_s']:.2f} s wall, model {best['model_s']:.2f} s, "
+                  f"{best['ratio']:.2f}x, {best['megabytes']:.1f} MB", flush=True)
+    import torch
+    lines = [f"# ddm4d generate end to end: 128 x 128 x 32, 11 frames, {args.threads} CPU threads, torch "
+             f"{torch.__version__}", "",
+             "| variant | wall clock (s) | model (s) | wall / model | load | preprocess | refine | postprocess | "
+             "write | output (MB) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t = r["timings_s"]
+        lines.append(f"| {r['variant']} | {r['wall_s']:.2f} | {r['model_s']:.2f} | {r['ratio']:.2f} | "
+                     f"{t.get('load', 0):.2f} | {t.get('preprocess', 0):.2f} | {t.get('refine', 0):.2f} | "
+                     f"{t.get('postprocess', 0):.2f} | {t.get('write', 0):.2f} | {r['megabytes']:.1f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        from ddm4d.files import write_text
+        write_text(Path(args.out + ".json"), json.dumps(rows, indent=2))
+        write_text(Path(args.out + ".md"), text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
