@@ -9,7 +9,6 @@ Python console and headless scripts can do all the GUI does::
 """
 import logging
 import os
-import shutil
 import tempfile
 import traceback
 from typing import Annotated, Union
@@ -25,8 +24,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from DDMInterpolationLib import (BackgroundProcess, DDMInterpolationLogic, InstallError, ensureRequirements,
-                                 parseProgressLine)
+from DDMInterpolationLib import DDMInterpolationLogic, GenerationRun, InstallError, ensureRequirements
 from DDMInterpolationLib import Constants
 
 SETTINGS_MODEL_PATHS = "DDMInterpolation/ModelPaths"  # DDMTraining appends the models it trains here
@@ -106,8 +104,7 @@ class DDMInterpolationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._process = None
-        self._command = None
+        self._run = None  # the GenerationRun in progress
         self._timer = None
         self._lastBrowserNode = None
 
@@ -147,7 +144,7 @@ class DDMInterpolationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self):
-        self.onCancel()
+        self._endRun("the module was unloaded")
         self.removeObservers()
         self._disconnectParameterNode()
 
@@ -159,6 +156,8 @@ class DDMInterpolationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._disconnectParameterNode()
 
     def onSceneStartClose(self, caller, event):
+        if self._run is not None:  # its results belong to this scene's nodes: never load them elsewhere
+            self._endRun("the scene was closed")
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -189,7 +188,7 @@ class DDMInterpolationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIState)
 
     def updateGUIState(self, caller=None, event=None):
-        running = self._process is not None
+        running = self._run is not None
         ready = False
         if self._parameterNode:
             p = self._parameterNode
@@ -279,7 +278,7 @@ class DDMInterpolationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return kwargs
 
     def onGenerate(self):
-        if self._process is not None:
+        if self._run is not None:
             return
         try:
             ensureRequirements(confirm=lambda message: slicer.util.confirmOkCancelDisplay(message, "DDMInterpolation"))
@@ -289,65 +288,68 @@ class DDMInterpolationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         workDirectory = tempfile.mkdtemp(prefix="DDMInterpolation-", dir=slicer.app.temporaryPath)
         try:
-            self._command = self.logic.buildGenerateCommand(workDirectory, **self._generationArguments())
-            self._process = BackgroundProcess(self._command.args, env=self._command.env).start()
+            self._run = GenerationRun(self.logic, workDirectory, **self._generationArguments())
         except Exception as error:
-            shutil.rmtree(workDirectory, ignore_errors=True)
-            self._command = self._process = None
             self._showError("Cannot start the generation", error)
             return
-        logging.info("DDMInterpolation: " + " ".join(self._command.args))
+        logging.info("DDMInterpolation: " + " ".join(self._run.command.args))
         self.ui.progressBar.value = 0
         self.ui.statusLabel.text = "Starting ddm4d (loading PyTorch)..."
         self._timer.start()
         self.updateGUIState()
 
     def onPollProcess(self):
-        process = self._process
-        if process is None:
-            self._timer.stop()
+        run = self._run
+        if run is None or run.abandoned is not None:
+            self._endRun(run.abandoned if run is not None else None)
             return
-        for stream, line in process.readLines():
-            progress = parseProgressLine(line)
-            if progress is not None:
-                fraction, message = progress
-                self.ui.progressBar.value = int(round(100 * fraction))
-                if message:
-                    self.ui.statusLabel.text = message
-            elif line.strip():
-                logging.info(f"ddm4d: {line}")
-        if not process.finished:
+        progress, lines = run.poll()
+        if progress is not None:
+            fraction, message = progress
+            self.ui.progressBar.value = int(round(100 * fraction))
+            if message:
+                self.ui.statusLabel.text = message
+        for line in lines:
+            logging.info(f"ddm4d: {line}")
+        if not run.finished:
             return
         self._timer.stop()
-        command, self._command, self._process = self._command, None, None
+        self._run = None
         try:
-            if process.cancelled:
+            if run.process.cancelled:
                 self.ui.statusLabel.text = "Cancelled."
-            elif process.returncode != 0:
+            elif run.process.returncode != 0:
                 self.ui.statusLabel.text = "Failed."
-                slicer.util.errorDisplay(f"Generation failed: {process.errorMessage()}",
+                slicer.util.errorDisplay(f"Generation failed: {run.process.errorMessage()}",
                                          windowTitle="DDMInterpolation")
             else:
                 self.ui.statusLabel.text = "Loading the results..."
                 slicer.app.processEvents()
                 qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
                 try:
-                    browserNode = self.logic.loadGenerateOutputs(
-                        command.outputDirectory, command.inputs,
-                        transformVisualization=self.ui.transformVisualizationComboBox.currentData)
+                    browserNode = run.load(transformVisualization=self.ui.transformVisualizationComboBox.currentData)
                 finally:
                     qt.QApplication.restoreOverrideCursor()
                 self._showResult(browserNode)
         except Exception as error:
             self._showError("Cannot load the generated frames", error)
         finally:
-            shutil.rmtree(command.workDirectory, ignore_errors=True)
+            run.abandon("done")  # the work folder goes, whatever happened
             self.updateGUIState()
 
     def onCancel(self):
-        if self._process is not None:
+        if self._run is not None:
             self.ui.statusLabel.text = "Cancelling..."
-            self._process.cancel()
+            self._run.process.cancel()
+
+    def _endRun(self, reason):
+        """Give the run up (scene closed, module unloaded): process tree ended, work folder removed."""
+        self._timer.stop()
+        run, self._run = self._run, None
+        if run is not None:
+            run.abandon(reason)
+            self.ui.statusLabel.text = f"Cancelled: {reason}."
+        self.updateGUIState()
 
     def _showResult(self, browserNode):
         self._lastBrowserNode = browserNode
@@ -493,12 +495,14 @@ class DDMInterpolationTest(ScriptedLoadableModuleTest):
             combo.currentIndex = combo.findData(data)
             combo.blockSignals(wasBlocked)
         widget.onGenerate()
-        self.assertIsNotNone(widget._process, "the background process did not start")
+        self.assertIsNotNone(widget._run, "the background process did not start")
+        workDirectory = widget._run.workDirectory
         deadline = time.time() + 600
-        while widget._process is not None and time.time() < deadline:
+        while widget._run is not None and time.time() < deadline:
             slicer.app.processEvents()  # the GUI keeps running while ddm4d works
             time.sleep(0.05)
-        self.assertIsNone(widget._process, "generation did not finish in 10 minutes")
+        self.assertIsNone(widget._run, "generation did not finish in 10 minutes")
+        self.assertFalse(os.path.exists(workDirectory), "the work folder is removed once the results are loaded")
         browsers = slicer.util.getNodesByClass("vtkMRMLSequenceBrowserNode")
         self.assertEqual(len(browsers), 1)
         self.assertEqual(widget.logic.outputNodes(browsers[0])["frames"].GetNumberOfDataNodes(), 3)

@@ -700,6 +700,41 @@ def test_generate_in_a_background_process_like_the_widget(scene, logic, phantomP
     assert process.errorMessage().startswith("ddm4d generate: error:") and "bogus.safetensors" in process.errorMessage()
 
 
+def test_a_run_loads_into_its_scene_and_ends_with_it(scene, logic, phantomPair, tmp_path):
+    """The widget's run (GenerationRun): results load into the scene they were started from and the work
+    folder goes; closing that scene mid-run ends the process tree, removes the folder, and loads nothing."""
+    import psutil
+    from ddm4d.checkpoint import save_model
+    from DDMInterpolationLib import GenerationRun
+    modelPath = save_model(tinyModel(), tmp_path / "tiny.safetensors")
+    kwargs = dict(sourceNode=phantomPair["sourceNode"], targetNode=phantomPair["targetNode"], numberOfFrames=3,
+                  model=str(modelPath), device="cpu")
+
+    work = tmp_path / "run1"
+    run = GenerationRun(logic, str(work), **kwargs)
+    deadline = time.monotonic() + 600
+    while not run.finished and time.monotonic() < deadline:
+        run.poll()
+        time.sleep(0.05)
+    run.poll()
+    assert run.succeeded, run.process.stderrTail
+    browser = run.load()
+    assert scene.IsNodePresent(browser) and logic.outputNodes(browser)["frames"].GetNumberOfDataNodes() == 3
+    assert not work.exists() and run.seconds["generate"] > 0 and run.seconds["load"] >= 0
+
+    work = tmp_path / "run2"
+    run = GenerationRun(logic, str(work), **kwargs)
+    assert work.is_dir()
+    tree = [psutil.Process(run.process.process.pid)]
+    scene.Clear(0)  # File > Close Scene
+    assert run.sceneClosed and run.abandoned == "the scene was closed" and run.finished
+    assert not [p.pid for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not work.exists()
+    with pytest.raises(ValueError, match="has been closed"):
+        run.load()
+    assert not scene.GetNodesByClass("vtkMRMLSequenceBrowserNode").GetNumberOfItems()
+
+
 def test_cancel_behind_a_launcher_ends_every_process_and_leaves_no_output(scene, logic, phantomPair, tmp_path):
     """Inside Slicer, ddm4d generate runs below the PythonSlicer launcher (which forwards no signals):
     Cancel must end the worker too, and leave no result behind."""

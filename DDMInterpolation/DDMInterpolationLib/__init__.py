@@ -1,5 +1,6 @@
 """Logic of the DDMInterpolation module: MRML nodes <-> ddm4d, no Qt (runs headless under slicer-core)."""
 from .BackgroundProcess import BackgroundProcess, parseProgressLine, processEnvironment
+from .GenerationRun import GenerationRun
 from .Logic import DDMInterpolationLogic, GenerateCommand, GenerationInputs
 from .Requirements import InstallError, ensureRequirements, requirementsMet
 
@@ -7,6 +8,7 @@ __all__ = [
     "BackgroundProcess",
     "DDMInterpolationLogic",
     "GenerateCommand",
+    "GenerationRun",
     "GenerationInputs",
     "InstallError",
     "ensureRequirements",
