@@ -9,6 +9,7 @@ Python console and headless scripts can do all the GUI does::
 """
 import logging
 import os
+import sys
 import tempfile
 import traceback
 from typing import Annotated, Union
@@ -119,6 +120,8 @@ class DDMInterpolationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.deviceComboBox.addItem("Auto (GPU when available)", "auto")
         self.ui.deviceComboBox.addItem("CPU", "cpu")
         self.ui.deviceComboBox.addItem("GPU (CUDA)", "cuda")
+        if sys.platform == "darwin":  # PyTorch's Apple GPU backend exists only there
+            self.ui.deviceComboBox.addItem("Apple GPU (MPS)", "mps")
         for mode in Constants.TRANSFORM_VISUALIZATIONS:
             self.ui.transformVisualizationComboBox.addItem(mode.capitalize(), mode)
         self._loadSettings()

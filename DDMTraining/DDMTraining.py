@@ -14,6 +14,7 @@ Python console can do all the GUI does::
 """
 import logging
 import os
+import sys
 import shutil
 import tempfile
 import time
@@ -32,7 +33,7 @@ from DDMTrainingLib import Constants as C
 SETTINGS_DATA_PATH = f"{C.SETTINGS_GROUP}/DataPath"
 SETTINGS_OUTPUT_PATH = f"{C.SETTINGS_GROUP}/OutputPath"
 SETTINGS_HYPERPARAMETERS = f"{C.SETTINGS_GROUP}/Settings"  # one key per TrainingSettings field below it
-DEVICE_LABELS = {"auto": "Auto (GPU when available)", "cpu": "CPU", "cuda": "GPU (CUDA)"}
+DEVICE_LABELS = {"auto": "Auto (GPU when available)", "cpu": "CPU", "cuda": "GPU (CUDA)", "mps": "Apple GPU (MPS)"}
 
 
 class DDMTraining(ScriptedLoadableModule):
@@ -103,7 +104,8 @@ class DDMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = DDMTrainingLogic()
 
         for device in C.DEVICES:
-            self.ui.deviceComboBox.addItem(DEVICE_LABELS.get(device, device), device)
+            if device != "mps" or sys.platform == "darwin":  # PyTorch's Apple GPU backend exists only there
+                self.ui.deviceComboBox.addItem(DEVICE_LABELS.get(device, device), device)
         self._loadSettings()
 
         self._timer = qt.QTimer()

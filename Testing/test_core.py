@@ -396,8 +396,13 @@ def test_device_choice():
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="no CUDA"):
             resolve_device("cuda")
-    with pytest.raises(InputError, match="unknown device"):
+    with pytest.raises(InputError, match="unknown device 'tpu'; use auto, cpu, cuda, mps"):
         resolve_device("tpu")
+    if not torch.backends.mps.is_available():  # Apple's GPU: explicit only, a clear error where absent
+        with pytest.raises(InputError, match="no Apple GPU"):
+            resolve_device("mps")
+    else:
+        assert resolve_device("mps").type == "mps"
     with autocast(torch.device("cpu")):
         assert torch.get_autocast_dtype("cpu") is not None  # a no-op context on CPU
 

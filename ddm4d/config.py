@@ -24,6 +24,8 @@ DEFAULT_MODE = "symmetric"
 DEFAULT_REFINE = True  # per-case refinement of the path (ddm4d.refine), started from the model
 # False: frames evenly spaced along the refined path (True: at the model's own pace, which scored lower)
 DEFAULT_MODEL_TIMING = False
+# where the networks run: auto (CUDA when present, else the CPU), or one of them; mps is Apple's GPU
+DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 @dataclass

@@ -6,6 +6,7 @@ import functools
 
 import torch
 
+from .config import DEVICES
 from .errors import InputError
 
 
@@ -23,7 +24,13 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         return torch.device(name)
     if name == "cpu":
         return torch.device("cpu")
-    raise InputError(f"unknown device {device!r}; use auto, cpu or cuda")
+    if name == "mps":  # Apple's GPU: chosen explicitly ("auto" stays CUDA or CPU, where it is measured)
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise InputError(f"--device mps was asked for but PyTorch sees no Apple GPU (MPS) (torch "
+                             f"{torch.__version__}); use --device cpu or auto")
+        return torch.device("mps")
+    raise InputError(f"unknown device {device!r}; use {', '.join(DEVICES)}")
 
 
 #: precision of the networks' passes: auto (bf16 on CUDA, and on CPUs with native bf16 where the

@@ -507,7 +507,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vm-model", metavar="P", help="VM baseline model file")
     parser.add_argument("--vmdiff-model", metavar="P", help="VM-diff baseline model file")
     parser.add_argument("--subjects", type=int, metavar="N", help="evaluate only the first N subjects")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present, else the CPU), cpu, cuda, or mps (Apple's GPU) (default auto)")
     parser.add_argument("--region", default="fov", choices=REGIONS,
                         help="where PSNR/NMSE are computed: the model's field of view (default, like the "
                              "paper's crop) or the whole image")

@@ -498,7 +498,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--fit-steps", type=int, default=0,
                         help="per-case optimisation of the whole network on this pair before generating (slow)")
     parser.add_argument("--seg", help="labels on the source to propagate to every frame (nearest neighbour)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present, else the CPU), cpu, cuda, or mps (Apple's GPU) (default auto)")
     parser.add_argument("--center", help="LPS point x,y,z in mm on which to centre the model's field of view")
     parser.add_argument("--no-subtract-gamma0", action="store_true",
                         help="the paper's plain behaviour: do not subtract the field at gamma = 0")

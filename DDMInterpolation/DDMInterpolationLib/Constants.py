@@ -1,12 +1,11 @@
 """Named values of the DDMInterpolation module, in one place."""
 
 # generation modes and defaults are ddm4d's (its config module never imports torch)
-from ddm4d.config import DEFAULT_MODE, DEFAULT_REFINE, MODE_ALIASES, MODES  # noqa: F401
+from ddm4d.config import DEFAULT_MODE, DEFAULT_REFINE, DEVICES, MODE_ALIASES, MODES  # noqa: F401
 
 # Generation defaults (the numbers themselves belong to ddm4d; these are the GUI's starting values)
 DEFAULT_NUMBER_OF_FRAMES = 10
 DEFAULT_MODEL = "default"  # ddm4d's bundled model
-DEVICES = ("auto", "cpu", "cuda")
 
 # Cine playback: one pass from source to target lasts about this long, within these rates
 PLAYBACK_PASS_DURATION_S = 1.0

@@ -3,6 +3,7 @@
 Hyper-parameter defaults are not here: they come from ``ddm4d.config.DDMConfig`` and the
 ``ddm4d train`` command (see ``Settings.py``), so the GUI always starts from the paper's numbers.
 """
+from ddm4d import config as _config
 from ddm4d import runfolder as _runfolder
 
 # The list of model files DDMInterpolation offers (Qt setting, a list of paths). DDMInterpolation
@@ -14,7 +15,7 @@ SELECTED_MODEL_SETTINGS_KEY = "DDMInterpolation/Model"
 # The module's own remembered settings (the widget stores them with qt.QSettings)
 SETTINGS_GROUP = "DDMTraining"
 
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = _config.DEVICES  # auto, cpu, cuda, mps: ddm4d's list
 
 # What `ddm4d train` writes into RUN_DIR and the events it prints: one owner, ddm4d.runfolder (torch-free),
 # which the trainer imports too, so the two sides cannot drift apart

@@ -128,7 +128,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, help=f"Adam learning rate (default {d.lr:g}, betas {d.adam_betas})")
     parser.add_argument("--batch-size", type=int, metavar="B",
                         help=f"pairs per step and process (default {d.batch_size})")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present, else the CPU), cpu, cuda, or mps (Apple's GPU) (default auto)")
     parser.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last checkpoint")
     parser.add_argument("--progress", choices=("bar", "json"), default="bar",
                         help="bar: a progress bar on stderr; json: one JSON event per line on stdout")
