@@ -156,9 +156,16 @@ def test_events_are_parsed_and_plotted_as_they_come(scene, tmp_path):
     for column in C.TRAINING_LOSS_COLUMNS:
         series = curves.seriesNodes[column]
         assert series.GetTableNode() is curves.trainingTableNode
-        assert (series.GetXColumnName(), series.GetYColumnName()) == (C.COLUMN_ITERATION, column)
+        assert (series.GetXColumnName(), series.GetYColumnName()) == (C.COLUMN_ITERATION, f"{column} scaled")
         assert scene.IsNodePresent(series)
     assert curves.seriesNodes["validation loss"].GetTableNode() is curves.validationTableNode
+    # terms of different scale drawn readably on one axis: each scaled to its range, the tables keep values
+    assert curves.column("loss scaled") == pytest.approx([(1.0 / i - 1 / 6) / (1 - 1 / 6) for i in range(1, 7)])
+    assert curves.column("ncc scaled") == pytest.approx([(6 - i) / 5 for i in range(1, 7)])  # -0.1 .. -0.6
+    assert curves.column("smooth scaled") == pytest.approx([0.5] * 6)  # constant: mid-axis
+    # training and validation of one term share a range: validation loss 2/3 and 1/3, training 1 .. 1/6
+    assert curves.column("loss scaled", validation=True) == pytest.approx(
+        [(2 / 3 - 1 / 6) / (1 - 1 / 6), (2 / 6 - 1 / 6) / (1 - 1 / 6)])
     assert chart.GetAttribute(C.ATTRIBUTE_RUN_DIRECTORY) == str(run)
     # the status follows the events
     status = process.status

@@ -2,6 +2,9 @@
 
 Filled from the progress events (``iteration`` rows into the training table, ``validation`` rows
 into the validation table); the widget only shows the chart (Plots module, plot view layout).
+The terms differ in scale by orders of magnitude (smoothness ~0.01, diffusion ~1) and a chart has
+one y axis, so each curve is drawn scaled to its own range (0: its lowest value so far, 1: its
+highest; training and validation of one term share a range); the tables keep the values.
 """
 import math
 
@@ -18,6 +21,11 @@ def _addColumns(table, names):
         array = vtk.vtkDoubleArray()
         array.SetName(name)
         table.AddColumn(array)
+
+
+def scaledColumn(column):
+    """The table column the chart draws for a loss column: its values scaled to the term's range."""
+    return f"{column} scaled"
 
 
 def _value(event, key):
@@ -43,16 +51,17 @@ class LossCurves:
         self.stride = 1  # one table row per `stride` iteration events
         self._skipped = 0
         self.name = scene.GenerateUniqueName(name)
-        columns = (C.COLUMN_ITERATION,) + C.TRAINING_LOSS_COLUMNS
         self.trainingTableNode = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{self.name} losses")
-        _addColumns(self.trainingTableNode.GetTable(), columns)
+        _addColumns(self.trainingTableNode.GetTable(), (C.COLUMN_ITERATION,) + C.TRAINING_LOSS_COLUMNS
+                    + tuple(scaledColumn(c) for c in C.TRAINING_LOSS_COLUMNS))
         self.validationTableNode = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{self.name} validation")
-        _addColumns(self.validationTableNode.GetTable(), (C.COLUMN_ITERATION,) + C.VALIDATION_LOSS_COLUMNS)
+        _addColumns(self.validationTableNode.GetTable(), (C.COLUMN_ITERATION,) + C.VALIDATION_LOSS_COLUMNS
+                    + tuple(scaledColumn(c) for c in C.VALIDATION_LOSS_COLUMNS))
 
         self.chartNode = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", self.name)
         self.chartNode.SetTitle(f"{self.name}: losses")
         self.chartNode.SetXAxisTitle("iteration")
-        self.chartNode.SetYAxisTitle("loss")
+        self.chartNode.SetYAxisTitle("each term scaled to its range (0: lowest, 1: highest so far)")
         self.chartNode.SetNodeReferenceID(C.REFERENCE_TRAINING_TABLE, self.trainingTableNode.GetID())
         self.chartNode.SetNodeReferenceID(C.REFERENCE_VALIDATION_TABLE, self.validationTableNode.GetID())
         if runDirectory is not None:
@@ -65,7 +74,7 @@ class LossCurves:
         seriesNode = self.scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"{self.name} {seriesName}")
         seriesNode.SetAndObserveTableNodeID(tableNode.GetID())
         seriesNode.SetXColumnName(C.COLUMN_ITERATION)
-        seriesNode.SetYColumnName(column)
+        seriesNode.SetYColumnName(scaledColumn(column))
         seriesNode.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
         seriesNode.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleNone
                                   if tableNode is self.trainingTableNode else slicer.vtkMRMLPlotSeriesNode.MarkerStyleCircle)
@@ -117,6 +126,8 @@ class LossCurves:
         while self.numberOfRows > self.maxPoints:
             self._thin()
             changed.add(self.trainingTableNode)
+        if changed:
+            self._rescale()
         for tableNode in changed:  # one Modified per table and poll: the plot view redraws once
             tableNode.GetTable().Modified()
             tableNode.Modified()
@@ -144,6 +155,25 @@ class LossCurves:
         table.GetColumnByName(C.COLUMN_ITERATION).InsertNextValue(_value(event, "iteration"))
         for column in columns:
             table.GetColumnByName(column).InsertNextValue(_value(event, column))
+            table.GetColumnByName(scaledColumn(column)).InsertNextValue(math.nan)  # set by _rescale
+
+    def _rescale(self):
+        """Every scaled column from its term's range over both tables (what the chart draws)."""
+        tables = ((self.trainingTableNode.GetTable(), C.TRAINING_LOSS_COLUMNS),
+                  (self.validationTableNode.GetTable(), C.VALIDATION_LOSS_COLUMNS))
+        for column in C.TRAINING_LOSS_COLUMNS:
+            arrays = [table.GetColumnByName(column) for table, columns in tables if column in columns]
+            values = [array.GetValue(row) for array in arrays for row in range(array.GetNumberOfTuples())]
+            finite = [v for v in values if math.isfinite(v)]
+            low, high = (min(finite), max(finite)) if finite else (0.0, 0.0)
+            for table, columns in tables:
+                if column not in columns:
+                    continue
+                raw, scaled = table.GetColumnByName(column), table.GetColumnByName(scaledColumn(column))
+                for row in range(raw.GetNumberOfTuples()):
+                    v = raw.GetValue(row)
+                    scaled.SetValue(row, math.nan if not math.isfinite(v) else
+                                    0.5 if high == low else (v - low) / (high - low))
 
     def _truncateAfter(self, iteration):
         """Drop rows after ``iteration`` (a resumed run repeats the iterations after its checkpoint)."""
