@@ -8,7 +8,9 @@ highest; training and validation of one term share a range); the tables keep the
 """
 import math
 
+import numpy as np
 import vtk
+from vtk.util import numpy_support
 
 import slicer
 
@@ -162,18 +164,14 @@ class LossCurves:
         tables = ((self.trainingTableNode.GetTable(), C.TRAINING_LOSS_COLUMNS),
                   (self.validationTableNode.GetTable(), C.VALIDATION_LOSS_COLUMNS))
         for column in C.TRAINING_LOSS_COLUMNS:
-            arrays = [table.GetColumnByName(column) for table, columns in tables if column in columns]
-            values = [array.GetValue(row) for array in arrays for row in range(array.GetNumberOfTuples())]
-            finite = [v for v in values if math.isfinite(v)]
-            low, high = (min(finite), max(finite)) if finite else (0.0, 0.0)
-            for table, columns in tables:
-                if column not in columns:
-                    continue
-                raw, scaled = table.GetColumnByName(column), table.GetColumnByName(scaledColumn(column))
-                for row in range(raw.GetNumberOfTuples()):
-                    v = raw.GetValue(row)
-                    scaled.SetValue(row, math.nan if not math.isfinite(v) else
-                                    0.5 if high == low else (v - low) / (high - low))
+            pairs = [(numpy_support.vtk_to_numpy(table.GetColumnByName(column)),  # views of the tables
+                      numpy_support.vtk_to_numpy(table.GetColumnByName(scaledColumn(column))))
+                     for table, columns in tables if column in columns]
+            finite = np.concatenate([raw[np.isfinite(raw)] for raw, _ in pairs])
+            low, high = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
+            for raw, scaled in pairs:
+                scaled[:] = 0.5 if high == low else (raw - low) / (high - low)  # NaN stays NaN
+                scaled[~np.isfinite(raw)] = np.nan
 
     def _truncateAfter(self, iteration):
         """Drop rows after ``iteration`` (a resumed run repeats the iterations after its checkpoint)."""
