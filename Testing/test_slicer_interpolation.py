@@ -29,7 +29,12 @@ from DDMInterpolationLib.BackgroundProcess import BackgroundProcess, parseProgre
 from DDMInterpolationLib.Conversion import (  # noqa: E402
     LPS_TO_RAS, addVolumeNodeFromImage, displacementFieldFromGridTransformNode, gridTransformNodeFromField,
     imageFromVolumeNode, updateVolumeNodeFromImage)
-from DDMInterpolationLib.Logic import DDMInterpolationLogic  # noqa: E402
+from DDMInterpolationLib.Logic import DDMInterpolationLogic, temporaryNodes  # noqa: E402
+
+# What the Slicer application's Segmentations module does at start-up: without its conversion rules a
+# segmentation cannot be copied (into a sequence, for one), as the application always can
+for _rule in (slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule, slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule):
+    slicer.vtkSegmentationConverterFactory.GetInstance().RegisterConverterRule(_rule())
 from ddm4d.metrics import psnr  # noqa: E402
 
 SIZE = (22, 18, 7)  # x, y, z
@@ -369,11 +374,32 @@ def test_segmentation_path_labelmap_and_segmentation_node(scene, logic, pair):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(inputs.labels), expected)
     assert inputs.labelNames == {1: "myocardium", 2: "LV cavity"}
     frames, fields, warped = fakeResult(source, inputs.gammas, inputs.labels)
+    segmentation.GetNthSegment(1).SetColor(0.9, 0.1, 0.2)
+    inputs.labelColors[2] = (0.9, 0.1, 0.2)
+    segmentationNode.CreateDefaultDisplayNodes()
     browser = logic.createOutputNodes(inputs, inputs.gammas, frames, fields, warped)
     nodes = logic.outputNodes(browser)
-    colors = nodes["labelColors"]
-    assert colors.GetColorName(2) == "LV cavity"
-    assert nodes["labelsProxy"].GetDisplayNode().GetColorNodeID() == colors.GetID()
+    # segmentation in, segmentation out: one segmentation per frame, the input's segment IDs, names, colours
+    assert nodes["labels"].GetNumberOfDataNodes() == 3 and browser.IsSynchronizedSequenceNode(nodes["labels"].GetID())
+    ids = [segmentation.GetNthSegmentID(i) for i in range(2)]
+    for item in range(3):
+        browser.SetSelectedItemNumber(item)
+        proxy = nodes["labelsProxy"]
+        assert proxy.IsA("vtkMRMLSegmentationNode")
+        out = proxy.GetSegmentation()
+        assert [out.GetNthSegmentID(i) for i in range(out.GetNumberOfSegments())] == ids
+        assert [out.GetSegment(i).GetName() for i in ids] == ["myocardium", "LV cavity"]
+        assert out.GetSegment(ids[1]).GetColor() == pytest.approx((0.9, 0.1, 0.2))
+        with temporaryNodes(scene):  # what it holds: the propagated labels of that frame, voxel for voxel
+            labelOut = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "check")
+            segmentIDs = vtk.vtkStringArray()
+            for i in ids:
+                segmentIDs.InsertNextValue(i)
+            assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                proxy, segmentIDs, labelOut, sourceNode)
+            np.testing.assert_array_equal(sitk.GetArrayFromImage(imageFromVolumeNode(labelOut, np.int16)),
+                                          sitk.GetArrayFromImage(warped[item]))
+    assert not segmentationNode.GetDisplayNode().GetVisibility()  # the static source segmentation is hidden
     table = nodes["volumeTable"]
     assert table.GetColumnName(3) == "LV cavity (mL)"
 

@@ -46,6 +46,10 @@ class GenerationInputs:
     labelNames: dict = dataclasses.field(default_factory=dict)  # label value -> name
     labelColors: dict = dataclasses.field(default_factory=dict)  # label value -> (r, g, b)
     labelColorNodeID: str = None  # colour table of an input labelmap, reused for the output
+    # a segmentation node as input: the output is a sequence of segmentation nodes too (same segment IDs,
+    # names and colours), and this node is hidden while the cine plays
+    sourceSegmentationNodeID: str = None
+    segmentIDs: dict = dataclasses.field(default_factory=dict)  # label value -> segment ID of the input
     indexName: str = C.GAMMA_INDEX_NAME
     indexUnit: str = ""
     cineSequenceNode: object = None
@@ -327,7 +331,14 @@ class DDMInterpolationLogic:
                 indexValues, inputs.indexName, inputs.indexUnit)
             synchronized = [fieldsSequence]
             labelsSequence = None
-            if labels is not None:
+            asSegmentation = labels is not None and inputs.sourceSegmentationNodeID is not None
+            if asSegmentation:  # segmentation in, segmentation out
+                labelsSequence = addSequence(
+                    scene, f"{base} segmentation",
+                    (self._segmentationFromLabels(_asLabelImage(l), inputs, f"{base} segmentation") for l in labels),
+                    indexValues, inputs.indexName, inputs.indexUnit)
+                synchronized.append(labelsSequence)
+            elif labels is not None:
                 labelsSequence = addSequence(
                     scene, f"{base} labels",
                     (volumeNodeFromImage(_asLabelImage(l), f"{base} labels", "vtkMRMLLabelMapVolumeNode") for l in labels),
@@ -348,7 +359,10 @@ class DDMInterpolationLogic:
             if labelsSequence is not None:
                 browserNode.SetNodeReferenceID(C.REFERENCE_LABELS, labelsSequence.GetID())
                 labelsProxy = browserNode.GetProxyNode(labelsSequence)
-                self._colorLabels(browserNode, labelsProxy, inputs)
+                if asSegmentation:
+                    labelsProxy.CreateDefaultDisplayNodes()
+                else:
+                    self._colorLabels(browserNode, labelsProxy, inputs)
                 self._addVolumeOverTime(browserNode, inputs, gammas, labels)
             if inputs.cineSequenceNode is not None:
                 self._addPsnrAgainstCine(browserNode, inputs, gammas, frames)
@@ -356,7 +370,10 @@ class DDMInterpolationLogic:
             self.lastReport = dict(report or {}, gammas=[float(g) for g in gammas])
             browserNode.SetAttribute(C.ATTRIBUTE_REPORT, json.dumps(self.lastReport))
             if showResult:
-                showInSliceViews(scene, framesProxy, labelsProxy)
+                showInSliceViews(scene, framesProxy, None if asSegmentation else labelsProxy)
+                sourceSegmentation = scene.GetNodeByID(inputs.sourceSegmentationNodeID) if asSegmentation else None
+                if sourceSegmentation is not None and sourceSegmentation.GetDisplayNode() is not None:
+                    sourceSegmentation.GetDisplayNode().SetVisibility(False)  # the moving one shows instead
         return browserNode
 
     def outputNodes(self, browserNode):
@@ -520,10 +537,12 @@ class DDMInterpolationLogic:
             if segmentation.GetNumberOfSegments() == 0:
                 raise ValueError(f"the segmentation '{node.GetName()}' has no segments")
             labels = self._exportSegmentation(node, sourceImage)
+            segmentIDs = {}
             for number in range(segmentation.GetNumberOfSegments()):
                 segment = segmentation.GetNthSegment(number)
                 names[number + 1] = segment.GetName()
                 colors[number + 1] = tuple(segment.GetColor())
+                segmentIDs[number + 1] = segmentation.GetNthSegmentID(number)
         else:
             raise ValueError(f"'{node.GetName()}' is a {node.GetClassName()}; the source segmentation must be a "
                              "labelmap volume or a segmentation")
@@ -532,8 +551,38 @@ class DDMInterpolationLogic:
             labels = resample_to_reference(labels, reference, "nearest", 0)
         if not np.any(sitk.GetArrayViewFromImage(labels)):
             raise ValueError(f"the segmentation '{node.GetName()}' is empty on the source volume's grid")
-        return dict(labels=sitk.Cast(labels, sitk.sitkInt16), labelNames=names, labelColors=colors,
-                    labelColorNodeID=colorNodeID)
+        found = dict(labels=sitk.Cast(labels, sitk.sitkInt16), labelNames=names, labelColors=colors,
+                     labelColorNodeID=colorNodeID)
+        if node.IsA("vtkMRMLSegmentationNode"):
+            found.update(sourceSegmentationNodeID=node.GetID(), segmentIDs=segmentIDs)
+        return found
+
+    def _segmentationFromLabels(self, labels, inputs, name):
+        """A segmentation node (outside the scene, for a sequence) with one segment per label of the input
+        segmentation: its segment ID, name and colour, empty where the label is absent in this frame."""
+        out = slicer.vtkMRMLSegmentationNode()
+        out.SetName(name)
+        with temporaryNodes(self.scene):  # the import needs nodes in the scene; none of them stays
+            labelNode = addVolumeNodeFromImage(self.scene, labels, "DDM labels", "vtkMRMLLabelMapVolumeNode")
+            imported = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "DDM imported")
+            if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelNode, imported):
+                raise ValueError("could not turn the propagated labels into a segmentation")
+            found = {}
+            source = imported.GetSegmentation()
+            for number in range(source.GetNumberOfSegments()):
+                found[int(source.GetNthSegment(number).GetLabelValue())] = source.GetNthSegment(number)
+            segmentation = out.GetSegmentation()
+            for value in sorted(inputs.segmentIDs):
+                segmentID, segmentName = inputs.segmentIDs[value], inputs.labelNames.get(value, f"Label {value}")
+                color = inputs.labelColors.get(value, (0.5, 0.5, 0.5))
+                if value in found:
+                    segment = found[value]
+                    segment.SetName(segmentName)
+                    segment.SetColor(*color)
+                    segmentation.AddSegment(segment, segmentID)
+                else:
+                    segmentation.AddEmptySegment(segmentID, segmentName, color)
+        return out
 
     def _exportSegmentation(self, segmentationNode, sourceImage):
         """All segments as one label image on the source grid (segment n -> label n + 1)."""
