@@ -586,6 +586,38 @@ def test_requirements_ask_before_installing(monkeypatch):
     assert installed == ["ddm-missing-package-xyz>=1"]
 
 
+def test_one_question_lists_everything_before_anything_is_installed(monkeypatch):
+    """As SlicerTotalSegmentator asks: one confirmation naming PyTorch (through the PyTorch extension)
+    and then the pip packages; declined, nothing is installed; accepted, nothing more is asked."""
+    monkeypatch.setattr(Requirements, "torchStatus", lambda: (False, None, False))
+    monkeypatch.setattr(Requirements, "PIP_REQUIREMENTS", {"ddm_missing_package_xyz": "ddm-missing-package-xyz>=1"})
+    calls = []
+
+    class TorchInstaller:  # records what the PyTorch extension's PyTorchUtilsLogic would be asked
+        def torchInstalled(self):
+            return False
+
+        def installTorch(self, askConfirmation, torchVersionRequirement):
+            calls.append(("torch", askConfirmation, torchVersionRequirement))
+            return object()
+
+    questions = []
+    with pytest.raises(Requirements.InstallError, match="Nothing was installed"):
+        Requirements.ensureRequirements(confirm=lambda m: questions.append(m) or False,
+                                        pipInstall=lambda names: calls.append(("pip", names)),
+                                        torchLogic=TorchInstaller())
+    assert calls == [] and len(questions) == 1
+    question = questions[0]
+    assert "PyTorch extension" in question and "ddm-missing-package-xyz>=1" in question
+    assert question.index("PyTorch") < question.index("ddm-missing-package-xyz")
+    with pytest.raises(Requirements.InstallError, match="did not succeed"):  # the recorded pip installs nothing
+        Requirements.ensureRequirements(confirm=lambda m: questions.append(m) or True,
+                                        pipInstall=lambda names: calls.append(("pip", names)),
+                                        torchLogic=TorchInstaller())
+    assert len(questions) == 2  # one more question for the second call, none inside the installation
+    assert calls == [("torch", False, Requirements.TORCH_REQUIREMENT), ("pip", "ddm-missing-package-xyz>=1")]
+
+
 def test_missing_torch_points_to_the_pytorch_extension(monkeypatch):
     monkeypatch.setattr(Requirements, "torchStatus", lambda: (False, None, False))
     with pytest.raises(Requirements.InstallError, match="PyTorch"):

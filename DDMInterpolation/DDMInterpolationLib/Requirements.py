@@ -56,29 +56,36 @@ def requirementsMet():
     return installed and satisfied and not missingPipPackages()
 
 
-def _installTorch(confirm):
+def _torchLogic():
     try:
         import PyTorchUtils  # the PyTorch extension's module (Qt-based; imported only here, on demand)
     except ImportError:
         raise InstallError(
             "DDMInterpolation needs PyTorch, which Slicer installs through the 'PyTorch' extension. "
             "Install 'PyTorch' from the Extensions Manager, restart Slicer, then try again.") from None
-    torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-    if torchLogic.torchInstalled():
-        return
-    # installTorch asks the user itself when askConfirmation is True
-    torch = torchLogic.installTorch(askConfirmation=confirm is not None, torchVersionRequirement=TORCH_REQUIREMENT)
-    if torch is None:
-        raise InstallError(f"PyTorch{TORCH_REQUIREMENT} is required and was not installed. Install it from the "
-                           "PyTorch Utils module (Utilities category) or accept the installation when asked.")
+    return PyTorchUtils.PyTorchUtilsLogic()
 
 
-def ensureRequirements(confirm=None, pipInstall=None):
-    """Make sure torch and the pip packages of ddm4d are importable, installing them after asking.
+def installQuestion(torchMissing, missing):
+    """The one question asked before anything is installed: everything that will be, in order."""
+    steps = []
+    if torchMissing:
+        steps.append(f"PyTorch (torch{TORCH_REQUIREMENT}) through the PyTorch extension, the build that fits "
+                     "this computer's GPU driver (a large download, up to a few GB)")
+    if missing:
+        steps.append(f"then the Python packages {' '.join(missing)} with pip (a few megabytes)")
+    return ("DDMInterpolation needs software that is not installed yet:\n\n- " + "\n- ".join(steps)
+            + "\n\nInstall it now? Slicer stays usable; it may need a restart afterwards.")
 
-    :param confirm: ``confirm(message) -> bool``, asked before each installation. ``None`` means
-      non-interactive: nothing is installed and a missing package raises :class:`InstallError`.
+
+def ensureRequirements(confirm=None, pipInstall=None, torchLogic=None):
+    """Make sure torch and the pip packages of ddm4d are importable, installing them after asking once.
+
+    :param confirm: ``confirm(message) -> bool``, asked once, listing everything that will be installed
+      (as SlicerTotalSegmentator does). ``None`` means non-interactive: nothing is installed and a
+      missing package raises :class:`InstallError`.
     :param pipInstall: ``pipInstall(requirements: str)``; default ``slicer.util.pip_install``.
+    :param torchLogic: the PyTorch extension's ``PyTorchUtilsLogic`` (default: imported when needed).
     :raises InstallError: a package is missing and was not installed, or torch is too old.
     """
     installed, version, satisfied = torchStatus()
@@ -86,20 +93,28 @@ def ensureRequirements(confirm=None, pipInstall=None):
         raise InstallError(
             f"PyTorch {version} is installed but DDMInterpolation needs torch{TORCH_REQUIREMENT}. In the PyTorch "
             "Utils module: uninstall PyTorch, restart Slicer, and install it again.", restartRequired=True)
-    if not installed:
-        if confirm is None:
+    missing = missingPipPackages()
+    if installed and not missing:
+        return
+    names = " ".join(missing)
+    if confirm is None:
+        if not installed:
             raise InstallError(
                 f"PyTorch (torch{TORCH_REQUIREMENT}) is not installed. Open the DDMInterpolation module and press "
                 "Generate to be offered the installation, or install it in the PyTorch Utils module.")
-        _installTorch(confirm)
-
-    missing = missingPipPackages()
+        raise InstallError(f"Required Python packages are missing: {names}. "
+                           f"Install them with: slicer.util.pip_install('{names}')")
+    if not installed:
+        torchLogic = torchLogic or _torchLogic()  # before asking: without the extension there is nothing to ask
+    if not confirm(installQuestion(not installed, missing)):
+        raise InstallError("Nothing was installed. DDMInterpolation needs "
+                           + " and ".join(([f"torch{TORCH_REQUIREMENT}"] if not installed else []) + missing) + ".")
+    if not installed and not torchLogic.torchInstalled():
+        torch = torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT)
+        if torch is None:
+            raise InstallError(f"PyTorch{TORCH_REQUIREMENT} was not installed; see the Python console. Install it "
+                               "from the PyTorch Utils module (Utilities category), then try again.")
     if missing:
-        names = " ".join(missing)
-        if confirm is None or not confirm(
-                f"DDMInterpolation needs these Python packages: {names}.\n\nInstall them now (a few megabytes)?"):
-            raise InstallError(f"Required Python packages are missing: {names}. "
-                               f"Install them with: slicer.util.pip_install('{names}')")
         if pipInstall is None:
             import slicer.util
             pipInstall = slicer.util.pip_install
