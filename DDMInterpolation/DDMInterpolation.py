@@ -25,7 +25,8 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from DDMInterpolationLib import DDMInterpolationLogic, GenerationRun, InstallError, ensureRequirements
+from DDMInterpolationLib import (DDMInterpolationLogic, GenerationRun, InstallError, ensureRequirements,
+                                 requirementsMet)
 from DDMInterpolationLib import Constants
 
 SETTINGS_MODEL_PATHS = "DDMInterpolation/ModelPaths"  # DDMTraining appends the models it trains here
@@ -396,6 +397,12 @@ class DDMInterpolationTest(ScriptedLoadableModuleTest):
 
     def runTest(self):
         self.setUp()
+        self.test_InputsAndCommandWithoutTorch()
+        if not requirementsMet():  # e.g. the extension catalog's build machines: no PyTorch there
+            self.delayDisplay("PyTorch or ddm4d's Python packages are not installed: the generation tests are "
+                              "skipped. Press Generate once to install them, then run this self-test again.")
+            return
+        self.setUp()
         self.test_BadInputsLeaveSceneClean()
         self.setUp()
         self.test_GenerateFromVolumesAndSegmentation()
@@ -427,6 +434,29 @@ class DDMInterpolationTest(ScriptedLoadableModuleTest):
         path = os.path.join(slicer.app.temporaryPath, "DDMInterpolationTest-small.safetensors")
         save_model(DDM(DDMConfig.for_dims(3, image_size=(32, 32, 8), spacing=(6.0, 6.0, 8.0))), path)
         return dict(model=path, fitSteps=2)
+
+    def test_InputsAndCommandWithoutTorch(self):
+        """What runs without PyTorch: the inputs on the source grid, the labels, the ddm4d generate command."""
+        self.delayDisplay("Inputs and the ddm4d command (no PyTorch needed)")
+        import SimpleITK as sitk
+        from DDMInterpolationLib.Conversion import imageFromVolumeNode
+        _, ed, es, labels = self._phantom()
+        folder = tempfile.mkdtemp(prefix="DDMInterpolationTest-", dir=slicer.app.temporaryPath)
+        try:
+            command = DDMInterpolationLogic().buildGenerateCommand(folder, ed, es, numberOfFrames=4,
+                                                                  segmentationNode=labels, device="cpu")
+            option = lambda name: command.args[command.args.index(name) + 1]  # noqa: E731
+            self.assertEqual(command.args[2:4], ["ddm4d", "generate"])
+            self.assertEqual(len(option("--gammas").split(",")), 4)
+            written, source = sitk.ReadImage(option("--source")), imageFromVolumeNode(ed)
+            self.assertEqual(written.GetSize(), source.GetSize())
+            for a, b in zip(written.GetOrigin() + written.GetSpacing() + written.GetDirection(),
+                            source.GetOrigin() + source.GetSpacing() + source.GetDirection()):
+                self.assertAlmostEqual(a, b, places=4)
+            self.assertTrue(os.path.isfile(option("--seg")))
+        finally:
+            import shutil
+            shutil.rmtree(folder, ignore_errors=True)
 
     def test_BadInputsLeaveSceneClean(self):
         self.delayDisplay("Bad inputs")
