@@ -370,7 +370,8 @@ class DDMInterpolationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         total = (report.get("timings_s") or {}).get("total")
         self.ui.statusLabel.text = (f"{nodes['frames'].GetNumberOfDataNodes()} frames in '{browserNode.GetName()}'"
                                     + (f", {total:.1f} s" if isinstance(total, (int, float)) else "")
-                                    + f"; folded voxels: {100 * folding:.2f}% at most.")
+                                    + f"; folded voxels: {100 * folding:.2f}% at most. "
+                                    + report.get("motion_source", ""))
 
     def onTransformVisualizationChanged(self, index=None):
         browserNode = self._lastBrowserNode

@@ -352,3 +352,19 @@ def test_bf16_networks_stay_within_tolerance_of_fp32():
     assert runs["bf16"].folding_fraction == pytest.approx(runs["fp32"].folding_fraction, abs=1e-4)
     with pytest.raises(InputError, match="unknown precision"):
         generate(source, target, frames=2, refine=False, device="cpu", precision="fp16")
+
+
+def test_the_result_says_where_its_motion_came_from():
+    """A user reads whether a model trained on synthetic data made the motion, and whether it was refined
+    on the pair (report.json "motion_source", the CLI's last line, the Slicer module's status)."""
+    from ddm4d.generation import bundled_model_path
+    s, t = as_image(disc()), as_image(disc(radius=10.0))
+    alone = generate(s, t, model="none", frames=3, device="cpu")
+    assert alone.motion_source.startswith("Motion from no network, refined on this pair")
+    if bundled_model_path(2) is None:
+        pytest.skip("no bundled 2D model in this checkout (scripts/train_default_models.sh makes it)")
+    paper = generate(s, t, model="default", frames=3, device="cpu", mode="forward", refine=False)
+    assert "bundled model, trained on synthetic phantom cines (not on real scans)" in paper.motion_source
+    assert paper.motion_source.endswith("not refined on this pair.")
+    default = generate(s, t, model="default", frames=3, device="cpu")
+    assert "synthetic" in default.motion_source and "refined on this pair starting from" in default.motion_source

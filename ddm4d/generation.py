@@ -73,6 +73,7 @@ class GenerationResult:
     refinement: dict[str, Any] | None = None  # where refinement started, its time and objective
     score: dict[str, Any] | None = None  # against a cine's real in-between frames (ddm4d.cine.score_frames)
     jacobians: list[sitk.Image] = field(default_factory=list)  # det(I + grad u) of each field, float32
+    motion_source: str = ""  # one sentence: the model (synthetic-trained or not) and whether it was refined
 
     def label_volumes_ml(self) -> list[dict[str, float]]:
         """Volume (mL) of the LV blood pool, LV myocardium and RV in every propagated label frame."""
@@ -216,7 +217,8 @@ def generate(source, target=None, model: Any = "default", frames: int = 10, gamm
                             precision="bf16" if net is not None and uses_bf16(torch_device, precision, cpu_auto=True)
                             else "fp32",
                             mapping=mapping, fit_losses=fit_losses, messages=messages,
-                            refinement=_refinement_info(refinement, timing))
+                            refinement=_refinement_info(refinement, timing),
+                            motion_source=motion_source(model_name, refinement, fit_steps))
 
 
 @dataclass
@@ -277,6 +279,23 @@ def _refine_paths(source_img, target_img, paths: _Paths | None, gammas, mode, co
     if backward is not None:
         out.backward = {g: backward[i:i + 1] for i, g in enumerate(gammas)}
     return out, refinement
+
+
+def motion_source(model_name: str, refinement: Refinement | None, fit_steps: int = 0) -> str:
+    """One sentence for the user: where the motion came from, and whether the model was trained on
+    synthetic data (the bundled ones are: phantom cines, not real scans)."""
+    if model_name == "none":
+        model = "no network"
+    elif Path(model_name).name in BUNDLED_MODELS.values():
+        model = "the bundled model, trained on synthetic phantom cines (not on real scans)"
+    else:
+        model = f"the model {Path(model_name).name}"
+    if fit_steps:
+        model += f", fitted to this pair for {fit_steps} steps"
+    if refinement is None:
+        return f"Motion from {model}, not refined on this pair."
+    start = "the model's motion" if refinement.start == "model" else "no motion (it fitted this pair better)"
+    return f"Motion from {model}, refined on this pair starting from {start}."
 
 
 def _refinement_info(refinement: Refinement | None, timing: list[float] | None) -> dict[str, Any] | None:
@@ -572,6 +591,7 @@ def main(args) -> int:
     t = report["timings_s"]
     print(f"wrote {len(result.frames)} frames to {out} on {result.device} in {t['total'] + t['write']:.2f} s "
           f"(model {t.get('code', 0) + t.get('deform', 0):.2f} s); max folding {100 * max(result.folding_fraction):.3f}%")
+    print(result.motion_source)
     if report.get("ejection_fraction") is not None:
         print(f"LV ejection fraction from propagated labels: {100 * report['ejection_fraction']:.1f}%")
     if result.score is not None:

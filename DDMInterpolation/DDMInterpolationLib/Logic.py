@@ -184,7 +184,7 @@ class DDMInterpolationLogic:
             "folding_fraction": [float(f) for f in result.folding_fraction],
             "timings_s": dict(result.timings_s), "model": result.model, "device": result.device,
             "mode": result.mode, "fit_steps": inputs.fitSteps, "messages": list(result.messages),
-            "refinement": result.refinement,
+            "refinement": result.refinement, "motion_source": result.motion_source,
         }
         if progressCallback is not None:
             progressCallback(0.95, "creating sequences")
