@@ -49,8 +49,8 @@ MUTANTS = (
            "g.to(code.dtype) * net_code", "g.to(code.dtype) ** 2 * net_code",
            ("Testing/test_motion.py::test_model_field_at_half_gamma_is_the_field_of_half_the_code",)),
     Mutant("labels not warped", "ddm4d/generation.py",
-           'labels_out.append(warp_image(labels_img, fld, "nearest", default_value=0))',
-           "labels_out.append(labels_img)",
+           'labels = warp_image(labels_img, fld, "nearest", default_value=0) if labels_img',
+           "labels = labels_img if labels_img",
            ("Testing/test_generate.py::test_label_propagation_on_a_phantom_follows_the_true_labels",)),
     Mutant("smoothness dropped", "ddm4d/losses.py",
            "    return total / ndim", "    return 0.0 * total / ndim",
@@ -83,8 +83,8 @@ MUTANTS = (
            ("Testing/test_geometry.py::test_smooth_field_matches_analytic_displacement_and_warp",
             "Testing/test_geometry.py::test_physical_field_agrees_with_the_models_own_warp")),
     Mutant("Slicer grid transform sign flipped", "DDMInterpolation/DDMInterpolationLib/Conversion.py",
-           "vectors = vectors * np.diag(LPS_TO_RAS)  # flip x and y of every vector",
-           "vectors = -vectors * np.diag(LPS_TO_RAS)  # flip x and y of every vector",
+           "vectors = vectors.astype(np.float32) * np.diag(LPS_TO_RAS)",
+           "vectors = -vectors.astype(np.float32) * np.diag(LPS_TO_RAS)",
            ("Testing/test_slicer_interpolation.py::test_hardening_the_grid_transform_reproduces_the_frame",)),
 )
 

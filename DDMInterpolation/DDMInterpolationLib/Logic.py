@@ -260,7 +260,7 @@ class DDMInterpolationLogic:
             missing = [p for p in paths if not os.path.exists(resolve(p))]
             if missing:
                 raise ValueError(f"{reportPath} lists {key} that do not exist: {missing[:3]}")
-            return [_readImageOrField(resolve(p)) for p in paths]
+            return _ImagesOnDisk([resolve(p) for p in paths])
 
         frames = readAll("frames")
         fields = readAll("fields")
@@ -687,6 +687,23 @@ class DDMInterpolationLogic:
 
 def _asLabelImage(image):
     return sitk.Cast(as3D(image), sitk.sitkInt16)
+
+
+class _ImagesOnDisk:
+    """A list of images read from their files when asked for: the sequences copy them one at a time, so
+    the whole result is never in memory twice (20 frames of 256 x 256 x 100 with fields: GBs)."""
+
+    def __init__(self, paths):
+        self.paths = list(paths)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        return _readImageOrField(self.paths[index])
+
+    def __iter__(self):
+        return (_readImageOrField(path) for path in self.paths)
 
 
 def _readImageOrField(path):
