@@ -27,7 +27,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from DDMTrainingLib import DDMTrainingLogic, TrainingSettings
+from DDMTrainingLib import BackgroundTask, DDMTrainingLogic, TrainingSettings
 from DDMTrainingLib import Constants as C
 
 SETTINGS_DATA_PATH = f"{C.SETTINGS_GROUP}/DataPath"
@@ -93,6 +93,9 @@ class DDMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.lastProcess = None
         self.curves = None  # LossCurves of the current run
         self._timer = None
+        self._task = None  # a BackgroundTask (data check, or the start of a run) and what to do when it ends
+        self._taskDone = None
+        self._taskTimer = None
         self._closeGuard = None
 
     def setup(self):
@@ -111,6 +114,9 @@ class DDMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer = qt.QTimer()
         self._timer.setInterval(C.POLL_INTERVAL_MS)
         self._timer.connect("timeout()", self.onPoll)
+        self._taskTimer = qt.QTimer()
+        self._taskTimer.setInterval(C.POLL_INTERVAL_MS)
+        self._taskTimer.connect("timeout()", self.onPollTask)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -137,6 +143,7 @@ class DDMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self):
         self._timer.stop()
+        self._taskTimer.stop()
         if self.isTraining():
             logging.info("DDMTraining: the module is being unloaded; stopping the training run (a checkpoint is saved)")
             self.process.stop(wait=True)
@@ -155,7 +162,7 @@ class DDMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return self.process is not None and self.process.isRunning()
 
     def updateGUIState(self, *args):
-        running = self.isTraining()
+        running = self.isTraining() or self._task is not None
         state = self._runState()
         self.ui.dataCollapsibleButton.enabled = not running
         self.ui.parametersCollapsibleButton.enabled = not running
@@ -167,7 +174,8 @@ class DDMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             spinBox.enabled = self.ui.customSizeCheckBox.checked
         self.ui.startButton.enabled = not running
         self.ui.resumeButton.enabled = not running and state is not None and state.canResume
-        self.ui.stopButton.enabled = running and not self.process.stopRequested
+        self.ui.checkDataButton.enabled = self._task is None
+        self.ui.stopButton.enabled = self.isTraining() and not self.process.stopRequested
         self.ui.useModelButton.enabled = self.ui.modelSourceComboBox.count > 0
         self.ui.showPlotButton.enabled = self.curves is not None
         self.ui.openOutputFolderButton.enabled = state is not None and os.path.isdir(state.runDirectory)
@@ -269,13 +277,46 @@ class DDMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ---------------------------------------------------------------------------------------------- buttons
 
-    def onCheckData(self):
+    def _runTask(self, description, whenDone, function, *args, **kwargs):
+        """Run a file-reading logic call in the background; ``whenDone(task)`` on the GUI thread after."""
+        if self._task is not None:
+            return
+        self._task, self._taskDone = BackgroundTask(function, *args, **kwargs), whenDone
+        self.ui.statusLabel.text = description
+        self.ui.progressBar.value = 0
+        self._taskTimer.start()
+        self.updateGUIState()
+
+    def onPollTask(self):
+        task = self._task
+        if task is None:
+            self._taskTimer.stop()
+            return
+        self.ui.progressBar.value = int(round(1000 * task.fraction))
+        if task.message:
+            self.ui.statusLabel.text = task.message
+        if not task.done:
+            return
+        self._taskTimer.stop()
+        whenDone, self._task, self._taskDone = self._taskDone, None, None
         try:
-            check = self.logic.checkData(self.ui.dataPathLineEdit.currentPath)
+            whenDone(task)
+        finally:
+            self.updateGUIState()
+
+    def onCheckData(self):
+        self._runTask("Checking the data...", self._dataChecked, self.logic.checkData,
+                      self.ui.dataPathLineEdit.currentPath)
+
+    def _dataChecked(self, task):
+        try:
+            check = task.result()
         except ValueError as error:
+            self.ui.statusLabel.text = ""
             self.ui.dataReportTextEdit.setPlainText(f"Not usable: {error}")
             slicer.util.errorDisplay(f"The data folder cannot be used: {error}", windowTitle="DDM Training")
             return
+        self.ui.statusLabel.text = f"{len(check.subjects)} subjects usable."
         self.ui.dataReportTextEdit.setPlainText(check.text())
 
     def onStart(self):
@@ -297,14 +338,21 @@ class DDMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         dataPath = self.ui.dataPathLineEdit.currentPath
         runDirectory = self.ui.outputPathLineEdit.currentPath
+        # the data check reads every subject: in the background, then the run starts from _started
+        self._runTask("Checking the data...", lambda task: self._started(task, runDirectory, resume),
+                      self.logic.startTraining, dataPath, runDirectory, settings, resume=resume)
+
+    def _started(self, task, runDirectory, resume):
         try:
-            process = self.logic.startTraining(dataPath, runDirectory, settings, resume=resume)
+            process = task.result()
         except ValueError as error:
+            self.ui.statusLabel.text = ""
             slicer.util.errorDisplay(f"Cannot start training: {error}", windowTitle="DDM Training")
             return
         except Exception as error:
+            self.ui.statusLabel.text = ""
             slicer.util.errorDisplay(f"Cannot start training: {error}", windowTitle="DDM Training",
-                                     detailedText=traceback.format_exc())
+                                     detailedText="".join(traceback.format_exception(error)))
             return
         logging.info("DDMTraining: " + " ".join(process.args))
         self.process = process
@@ -560,17 +608,26 @@ class DDMTrainingTest(ScriptedLoadableModuleTest):
             for key, value in saved.items():
                 settings.setValue(key, value)
 
+    @staticmethod
+    def _waitForTask(widget, timeout=120):
+        deadline = time.time() + timeout
+        while widget._task is not None and time.time() < deadline:
+            slicer.app.processEvents()
+            time.sleep(0.05)
+
     def _widgetTraining(self):
         data = self._phantom()
         run = os.path.join(self.folder, "run")
         slicer.util.selectModule("DDMTraining")
         widget = slicer.util.getModuleWidget("DDMTraining")
         widget.ui.dataPathLineEdit.currentPath = data
-        widget.onCheckData()
+        widget.onCheckData()  # in the background: the GUI keeps running while the folder is read
+        self._waitForTask(widget)
         self.assertIn("2 usable subject(s)", widget.ui.dataReportTextEdit.plainText)
         widget.ui.outputPathLineEdit.currentPath = run
         widget._showSettings(TrainingSettings(**self.SETTINGS))
         widget.onStart()
+        self._waitForTask(widget)
         self.assertIsNotNone(widget.process, "the training process did not start")
         deadline = time.time() + 600
         while widget.process is not None and time.time() < deadline:

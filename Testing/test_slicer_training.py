@@ -633,6 +633,25 @@ def test_real_training_stop_resume_finish_and_use_the_model(scene, logic, phanto
     assert DDMInterpolationLogic._checkModel(exported, 0) == exported
 
 
+def test_data_check_and_start_run_in_the_background_with_progress(logic, phantomData, tmp_path):
+    """The widget's "Check data" and Start read every subject: in a worker thread, with progress per
+    subject, and a mistake comes back on the GUI thread as the same ValueError."""
+    from DDMTrainingLib import BackgroundTask
+    steps = []
+    assert logic.checkData(phantomData, progress=lambda f, m: steps.append((f, m))).numberOfPairs == 2
+    assert [f for f, _ in steps] == [0.0, 0.5] and steps[0][1] == "reading patient001 (1 of 2)"
+    task = BackgroundTask(logic.checkData, str(phantomData))
+    assert task.result(timeout=60).numberOfPairs == 2 and task.done and task.fraction == 0.5
+    task = BackgroundTask(logic.checkData, str(tmp_path / "nothing"))
+    with pytest.raises(ValueError, match="does not exist"):
+        task.result(timeout=60)
+    settings = TrainingSettings(iterations=1, checkpointEvery=1, size=(16, 16, 16), seed=0, device="cpu")
+    task = BackgroundTask(logic.startTraining, phantomData, tmp_path / "run", settings)
+    process = task.result(timeout=120)
+    pollUntil(process)
+    assert process.returncode == 0 and not process.crashed(), process.lastError()
+
+
 def test_what_the_self_tests_run_without_torch_works_without_torch(tmp_path):
     """On the extension catalog's build machines there is no PyTorch: both modules' logic loads, and what
     their self-tests then run (inputs, data check, run folder, the ddm4d commands) works; torch is

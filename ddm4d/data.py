@@ -24,7 +24,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import SimpleITK as sitk
@@ -37,6 +37,8 @@ __all__ = ["ACDC_LABELS", "Problem", "Pair", "Sequence", "Subject", "Dataset", "
 
 #: label values allowed in ACDC ground truth: background, RV cavity, myocardium, LV cavity
 ACDC_LABELS = (0, 1, 2, 3)
+#: progress(done, total, subject) of a data scan
+Progress = Callable[[int, int, str], None]
 _EXTS = (".nii.gz", ".nii")
 _LAYOUT_HINT = ("expected ACDC layout (DATA_DIR/patient001/Info.cfg, patient001_4d.nii.gz, "
                 "patient001_frame01.nii.gz, …) or a CSV with columns source,target")
@@ -394,9 +396,11 @@ def _scan_patient(folder: Path) -> Subject:
                    tuple(float(v) for v in ed_info.spacing))
 
 
-def _scan_acdc(root: Path, folders: list[Path]) -> Dataset:
+def _scan_acdc(root: Path, folders: list[Path], progress: Progress | None = None) -> Dataset:
     dataset = Dataset(root.resolve(), kind="acdc")
-    for folder in folders:
+    for number, folder in enumerate(folders):
+        if progress is not None:
+            progress(number, len(folders), folder.name)
         try:
             dataset.subjects.append(_scan_patient(folder))
         except _Skip as skip:
@@ -407,7 +411,7 @@ def _scan_acdc(root: Path, folders: list[Path]) -> Dataset:
 _CSV_COLUMNS = ("source", "target", "source_labels", "target_labels")
 
 
-def _scan_pairs(csv_path: Path) -> Dataset:
+def _scan_pairs(csv_path: Path, progress: Progress | None = None) -> Dataset:
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -427,6 +431,8 @@ def _scan_pairs(csv_path: Path) -> Dataset:
     for n, raw in enumerate(rows, start=1):
         row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
         sid = row.get("id") or f"pair{n:03d}"
+        if progress is not None:
+            progress(n - 1, len(rows), sid)
         seen[sid] += 1
         if seen[sid] > 1:
             sid = f"{sid}_{seen[sid]}"
@@ -472,11 +478,12 @@ def _scan_pair_row(sid: str, row: dict[str, str], base: Path, csv_path: Path, li
     return Subject(sid, base, 0, 1, 2, paths, "pairs", size, spacing)
 
 
-def scan_dataset(path) -> Dataset:
+def scan_dataset(path, progress: Progress | None = None) -> Dataset:
     """Check an ACDC-layout folder (patient* subfolders) or a pairs CSV; never stops at a bad subject.
 
     A folder without patient* subfolders but with a pairs.csv is read as that CSV. Raises InputError
-    only when nothing usable is there at all (no folder, no patients, no pairs).
+    only when nothing usable is there at all (no folder, no patients, no pairs). `progress(done, total,
+    subject)` is called before each subject is read (a large folder takes a while).
     """
     root = Path(path).expanduser()
     if not root.exists():
@@ -484,15 +491,15 @@ def scan_dataset(path) -> Dataset:
     if root.is_file():
         if root.suffix.lower() != ".csv":
             raise InputError(f"{root}: is a file but not a .csv; pass a data folder ({_LAYOUT_HINT})")
-        return _scan_pairs(root)
+        return _scan_pairs(root, progress)
     if (root / "Info.cfg").is_file():  # one patient folder given directly
-        return _scan_acdc(root.parent, [root])
+        return _scan_acdc(root.parent, [root], progress)
     folders = sorted((p for p in root.iterdir() if p.is_dir() and re.match(r"(?i)patient", p.name)),
                      key=lambda p: p.name)
     if folders:
-        return _scan_acdc(root, folders)
+        return _scan_acdc(root, folders, progress)
     if (root / "pairs.csv").is_file():
-        return _scan_pairs(root / "pairs.csv")
+        return _scan_pairs(root / "pairs.csv", progress)
     nested = sorted(p.name for p in root.iterdir() if p.is_dir() and any(
         q.is_dir() and q.name.lower().startswith("patient") for q in p.iterdir()))
     hint = f" (the subfolder(s) {', '.join(nested)} hold patient folders: pass one of them)" if nested else ""

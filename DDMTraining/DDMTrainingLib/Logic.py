@@ -4,11 +4,13 @@ Everything the module's GUI does is a call here, so it is scriptable from the Py
 testable headless under ``slicer-core``. No Qt, no dialogs: bad input raises ``ValueError`` with a
 message that says what to change, before any process starts.
 """
+import concurrent.futures
 import dataclasses
 import json
 import os
 import sys
 import tempfile
+import threading
 
 from DDMInterpolationLib import processEnvironment  # one child-process environment for both modules
 from ddm4d import runfolder  # torch-free: the run folder as ddm4d train writes it
@@ -127,6 +129,37 @@ def pythonExecutable():
 readSafetensorsMetadata = runfolder.read_safetensors_metadata
 
 
+class BackgroundTask:
+    """A logic call that reads files (no MRML) in a worker thread, so the GUI stays responsive on a large
+    data folder; the widget polls :attr:`done`, :attr:`fraction` and :attr:`message` from its timer.
+
+    The call gets ``progress=task.report``. :meth:`result` returns its value or raises its exception.
+    """
+
+    def __init__(self, function, *args, **kwargs):
+        self.fraction, self.message = 0.0, ""
+        self._future = concurrent.futures.Future()
+        thread = threading.Thread(target=self._run, args=(function, args, kwargs), daemon=True,
+                                  name="DDMTraining-task")
+        thread.start()
+
+    def _run(self, function, args, kwargs):
+        try:
+            self._future.set_result(function(*args, progress=self.report, **kwargs))
+        except BaseException as error:  # handed to the GUI thread by result()
+            self._future.set_exception(error)
+
+    def report(self, fraction, message):
+        self.fraction, self.message = float(fraction), str(message)
+
+    @property
+    def done(self):
+        return self._future.done()
+
+    def result(self, timeout=None):
+        return self._future.result(timeout)
+
+
 class DDMTrainingLogic:
     """Train a DDM on a local data folder in a background ``ddm4d train`` process.
 
@@ -159,9 +192,10 @@ class DDMTrainingLogic:
 
     # ---------------------------------------------------------------------------------------------- data
 
-    def checkData(self, dataPath):
+    def checkData(self, dataPath, progress=None):
         """Check a data folder (ACDC layout, or with a pairs.csv) or a pairs CSV file.
 
+        :param progress: ``progress(fraction, message)`` before each subject is read.
         :return: :class:`DataCheck` (subjects, skipped ones and why, sizes and spacings seen).
         :raises ValueError: no path, nothing readable there, or no valid pair at all.
         """
@@ -174,8 +208,10 @@ class DDMTrainingLogic:
         if not os.access(path, os.R_OK) or (os.path.isdir(path) and not os.access(path, os.X_OK)):
             raise ValueError(f"data folder {path} cannot be read (permission denied); check its permissions")
         from ddm4d.data import scan_dataset  # numpy and SimpleITK only, no torch
+        scanned = None if progress is None else (
+            lambda done, total, subject: progress(done / max(total, 1), f"reading {subject} ({done + 1} of {total})"))
         try:
-            dataset = scan_dataset(path)
+            dataset = scan_dataset(path, scanned)
         except ValueError as error:  # ddm4d.errors.InputError: what is wrong and how to fix it
             raise ValueError(str(error)) from None
         except OSError as error:
@@ -280,7 +316,7 @@ class DDMTrainingLogic:
         return [python or pythonExecutable(), "-m", "ddm4d", "train", os.fspath(dataPath),
                 "--out", os.fspath(runDirectory), "--progress", "json"] + options
 
-    def startTraining(self, dataPath, runDirectory, settings=None, resume=False, python=None):
+    def startTraining(self, dataPath, runDirectory, settings=None, resume=False, python=None, progress=None):
         """Check everything, then start ``ddm4d train`` in the background.
 
         :param dataPath: ACDC-layout folder or pairs CSV (checked with :meth:`checkData`).
@@ -288,12 +324,13 @@ class DDMTrainingLogic:
         :param settings: :class:`TrainingSettings` (default: the paper's).
         :param resume: continue from the last checkpoint of ``runDirectory`` (``--resume``).
         :param python: the Python executable (default :func:`pythonExecutable`).
+        :param progress: ``progress(fraction, message)`` while the data are checked.
         :return: the started :class:`TrainingProcess`; call its ``poll()`` regularly.
         :raises ValueError: bad data, output folder or settings; no process is started then.
         """
         settings = settings if settings is not None else TrainingSettings()
         settings.validate()
-        check = self.checkData(dataPath)
+        check = self.checkData(dataPath, progress)
         self.checkOutputDirectory(runDirectory, resume=resume)
         runDirectory = os.path.abspath(os.path.expanduser(os.fspath(runDirectory)))
         args = self.buildTrainCommand(check.path, runDirectory, settings, resume=resume, python=python)
