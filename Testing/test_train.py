@@ -477,3 +477,23 @@ def test_paper_pairs_are_selectable_and_kept_on_resume(data2d, tmp_path, capsys)
     code, _, err = train(capsys, data2d, "--out", run, "--resume", "--iterations", 3, "--pairs", "cine",
                          "--device", "cpu")
     assert code == 2 and "pairs: ed-es -> cine" in err
+
+
+def test_bf16_training_on_the_cpu_is_a_choice_kept_on_resume_and_learns_like_fp32(data2d, tmp_path, capsys):
+    """--precision bf16 runs the networks in bf16 on the CPU too (auto keeps fp32 there); the run keeps
+    its precision on --resume; its losses stay close to fp32's on the same steps."""
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        run = tmp_path / precision
+        code, events, err = train(capsys, data2d, "--out", run, *GRID_2D, "--iterations", 3, "--precision", precision)
+        assert code == 0, err
+        assert json.loads((run / "config.json").read_text())["run"]["precision"] == precision
+        runs[precision] = [e["loss"] for e in events if e["event"] == "iteration"]
+    assert runs["bf16"] == pytest.approx(runs["fp32"], rel=0.05, abs=0.05)  # same data, seed and steps
+    code, events, err = train(capsys, data2d, "--out", tmp_path / "bf16", "--resume", "--iterations", 4,
+                              "--device", "cpu")
+    assert code == 0, err
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["run"]["precision"] == "bf16"
+    with pytest.raises(SystemExit) as stopped:  # argparse: one line, exit code 2
+        cli(["train", str(data2d), "--out", str(tmp_path / "bad"), "--precision", "fp16"])
+    assert stopped.value.code == 2 and "--precision" in capsys.readouterr().err

@@ -26,6 +26,9 @@ DEFAULT_REFINE = True  # per-case refinement of the path (ddm4d.refine), started
 DEFAULT_MODEL_TIMING = False
 # where the networks run: auto (CUDA when present, else the CPU), or one of them; mps is Apple's GPU
 DEVICES = ("auto", "cpu", "cuda", "mps")
+#: precision of the networks' passes: auto (bf16 on CUDA, and on CPUs with native bf16 where the
+#: caller measured it within tolerance), fp32 or bf16
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass

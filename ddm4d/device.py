@@ -6,7 +6,7 @@ import functools
 
 import torch
 
-from .config import DEVICES
+from .config import DEVICES, PRECISIONS
 from .errors import InputError
 
 
@@ -33,9 +33,6 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     raise InputError(f"unknown device {device!r}; use {', '.join(DEVICES)}")
 
 
-#: precision of the networks' passes: auto (bf16 on CUDA, and on CPUs with native bf16 where the
-#: caller allows it), fp32 or bf16
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @functools.lru_cache(maxsize=1)

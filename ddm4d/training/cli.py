@@ -10,7 +10,7 @@ from typing import Any
 
 
 from .. import runfolder as rf
-from ..config import DDMConfig
+from ..config import PRECISIONS, DDMConfig
 from ..errors import InputError
 from .distributed import Dist, _process_device
 from .loop import StopFlag, Trainer
@@ -157,6 +157,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--paper-loss", action="store_true", default=None,
                         help="the paper's loss on phi(c); by default the loss sees phi(c) - phi(0), the field that "
                         "generation outputs (one more deformation pass per step)")
+    parser.add_argument("--precision", choices=PRECISIONS,
+                        help="the networks' passes: auto = bf16 on a GPU, fp32 on the CPU; bf16 = bf16 also on a "
+                        "CPU with native bf16 (AVX512-BF16, AMX: faster, benchmarks/train_bf16.md); fp32")
     parser.add_argument("--pairs", choices=PAIR_MODES, help="cine (default): pairs i -> j from every frame of each "
                         "cine, both directions and the identity, with a real in-between frame as supervision at its "
                         "time; ed-es: the paper's ED -> ES pairs only")

@@ -77,14 +77,15 @@ def augment_batch(batch: torch.Tensor, rng: np.random.Generator) -> torch.Tensor
 
 
 @torch.no_grad()
-def validation_loss(model: nn.Module, pairs: torch.Tensor, seed: int, device: torch.device) -> tuple[float, float]:
+def validation_loss(model: nn.Module, pairs: torch.Tensor, seed: int, device: torch.device,
+                    precision: str = "auto") -> tuple[float, float]:
     """Mean loss and NCC over the validation pairs, with a fixed t and noise per pair (comparable over time)."""
     model.eval()
     losses, nccs = [], []
     for i in range(pairs.shape[0]):
         pair = pairs[i:i + 1].to(device)
         generator = torch.Generator(device=device).manual_seed(_derived_seed(seed, _STREAM_VALIDATION, i))
-        with autocast(device):
+        with autocast(device, precision=precision):
             out = model.training_losses(pair[:, :1], pair[:, 1:], generator=generator)
         losses.append(float(out["loss"]))
         nccs.append(float(out["ncc"]))
@@ -223,7 +224,7 @@ class Trainer:
         generator = torch.Generator(device=run.device)
         generator.manual_seed(_derived_seed(run.seed, _STREAM_TRAIN, run.dist.rank, iteration))
         self.model.train()
-        with autocast(run.device):
+        with autocast(run.device, precision=run.precision):
             out = self.step_module(pairs[:, :1], pairs[:, 1:], middle, gammas, generator=generator)
         self.optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
@@ -279,7 +280,8 @@ class Trainer:
         run = self.run
         if not run.dist.main or run.validation_pairs.shape[0] == 0:
             return
-        loss, ncc = validation_loss(self.output_model(), run.validation_pairs, run.seed, run.device)
+        loss, ncc = validation_loss(self.output_model(), run.validation_pairs, run.seed, run.device,
+                                    run.precision)
         best = self.state.best_loss is None or loss < self.state.best_loss
         if best:
             self.state.best_loss, self.state.best_iteration = loss, self.state.iteration

@@ -6,6 +6,7 @@ import signal
 from dataclasses import dataclass
 
 from ..errors import InputError
+from ..config import PRECISIONS
 from ..methods import METHODS
 
 
@@ -71,6 +72,7 @@ class TrainOptions:
     disk_cache: bool = False
     paper_loss: bool | None = None
     pairs: str | None = None
+    precision: str | None = None  # of the networks' passes: auto, fp32 or bf16 (None: the stored run's, else auto)
 
 
 def _check_options(o: TrainOptions) -> None:
@@ -95,6 +97,8 @@ def _check_options(o: TrainOptions) -> None:
         raise InputError(f"--ema DECAY must be in [0, 1), e.g. {RUN.ema} (0 turns the average off); got {o.ema}")
     if o.method is not None and o.method not in METHODS:
         raise InputError(f"--method must be one of {', '.join(METHODS)}, got {o.method}")
+    if o.precision is not None and o.precision not in PRECISIONS:
+        raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {o.precision}")
     if o.pairs is not None and o.pairs not in PAIR_MODES:
         raise InputError(f"--pairs must be one of {', '.join(PAIR_MODES)}, got {o.pairs}")
     if o.progress not in ("bar", "json"):

@@ -143,6 +143,7 @@ class Run:
     fingerprint: dict[str, Any] = field(default_factory=dict)
     init_model: nn.Module | None = None
     pairs: str = RUN.pairs
+    precision: str = "auto"  # of the networks' passes (ddm4d.device.uses_bf16: on the CPU fp32 unless bf16)
 
     @property
     def checkpoints(self) -> Path:
@@ -246,6 +247,7 @@ def resolve_run(o: TrainOptions, dist: Dist, device: torch.device, reporter: Rep
     cache_dir = run_dir / rf.CACHE_DIRECTORY if o.disk_cache else None
     # a run from before "pairs" existed trained on ED -> ES
     pairs = _choose(o.pairs, stored, "pairs", RUN.pairs if not stored else "ed-es")
+    precision = _choose(o.precision, stored, "precision", "auto")
     train_ids, train_pairs = prepare_pairs(train_set.subjects, config, cache_dir, dist.main, reporter,
                                            whole_cine=(pairs == "cine"))
     val_ids, val_pairs = prepare_pairs(val_set.subjects, config, cache_dir, dist.main, reporter)
@@ -264,7 +266,7 @@ def resolve_run(o: TrainOptions, dist: Dist, device: torch.device, reporter: Rep
         log_every=_choose(o.log_every, stored, "log_every", RUN.log_every),
         total_iterations=total, iterations_per_epoch=per_epoch, train_ids=train_ids, validation_ids=val_ids,
         train_pairs=train_pairs, validation_pairs=val_pairs, device=device, dist=dist, stored=stored,
-        init_model=init_model, pairs=pairs)
+        init_model=init_model, pairs=pairs, precision=precision)
     run.fingerprint = _fingerprint(method, config, seed, fraction, augment, ema, train_ids, val_ids, pairs)
     if stored:
         _compare_fingerprints(stored.get("fingerprint", {}), run.fingerprint, run_dir)
@@ -281,7 +283,7 @@ def _run_config_json(run: Run) -> dict[str, Any]:
                 "total_iterations": run.total_iterations, "iterations_per_epoch": run.iterations_per_epoch,
                 "epochs": run.epochs, "checkpoint_every": run.checkpoint_every, "keep_last": run.keep_last,
                 "validate_every": run.validate_every, "log_every": run.log_every, "world_size": run.dist.world_size,
-                "init": run.options.init, "pairs": run.pairs},
+                "init": run.options.init, "pairs": run.pairs, "precision": run.precision},
         "subjects": {"train": run.train_ids, "validation": run.validation_ids},
         "fingerprint": run.fingerprint,
     }
