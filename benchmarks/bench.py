@@ -263,8 +263,7 @@ def main() -> None:
     report = {"machine": machine, "device": args.device, "threads": args.threads, "size": args.size,
               "frames": args.frames, "allocator": args.allocator, "precision": args.precision, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
               "results": results}
-    files.write_text(out / f"{name}.json", json.dumps(report, indent=2))
-    files.write_text(out / f"{name}.md", markdown(report))
+    files.write_results(out / name, report, markdown(report))
     print(markdown(report))
 
 

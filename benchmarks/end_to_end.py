@@ -24,6 +24,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))  # the ddm4d beside this script
 
+from ddm4d import files  # noqa: E402
+from ddm4d.errors import InputError  # noqa: E402
+
 # (name, model, extra options of ddm4d generate). "grid": a DDM on the 128 x 128 x 32 model grid (random
 # weights: the time does not depend on them), the size the speed targets are set for; "bundled": the
 # bundled 3D model (a 64 x 64 x 16 grid). The paper's path (forward, no refinement) is the model path.
@@ -124,6 +127,12 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", help="write OUT.json and OUT.md (a folder's files are never replaced otherwise)")
     args = parser.parse_args()
+    if args.out:  # its own results only: never a file of another program under the --out name
+        try:
+            files.check_own_results(Path(args.out).with_suffix(".json"), Path(args.out).with_suffix(".md"),
+                                    ours=lambda r: isinstance(r, list) and all("variant" in row for row in r))
+        except InputError as err:
+            parser.error(str(err))
     rows = []
     with tempfile.TemporaryDirectory(prefix="ddm4d-e2e-") as scratch:
         folder = Path(scratch)
@@ -159,9 +168,7 @@ def main() -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
-        from ddm4d.files import write_text
-        write_text(Path(args.out + ".json"), json.dumps(rows, indent=2))
-        write_text(Path(args.out + ".md"), text)
+        files.write_results(Path(args.out), rows, text)
     return 0
 
 

@@ -245,8 +245,7 @@ def main(argv=None) -> int:
                     summary["identical_pair_motion_mm"] = float(np.mean(motion))
             results["groups"][group][method] = {"summary": summary, "cases": rows}
             print(f"== {group} {method}: " + " ".join(f"{k}={v:.3f}" for k, v in summary.items()), flush=True)
-    files.write_text(out.with_suffix(".json"), json.dumps(results, indent=2))
-    files.write_text(out.with_suffix(".md"), markdown(results))
+    files.write_results(out, results, markdown(results))
     print(markdown(results))
     return 0
 

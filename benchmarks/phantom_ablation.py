@@ -37,14 +37,13 @@ def main(work: Path) -> None:
             row["training_s"] = training_seconds(work / run)
         rows.append(row)
     out = Path(__file__).resolve().parent / "results"
-    files.write_text(out / "phantom_ablation.json", json.dumps(rows, indent=2))
     fmt = lambda v, d: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
     lines = ["| method | " + " | ".join(h for _, h, _ in METRICS) + " | iterations | training (s) |",
              "|---" * (len(METRICS) + 3) + "|"]
     for r in rows:
         lines.append(f"| {r['method']} | " + " | ".join(fmt(r[m], d) for m, _, d in METRICS)
                      + f" | {r.get('iterations', '–')} | {fmt(r.get('training_s'), 0)} |")
-    files.write_text(out / "phantom_ablation.md", "\n".join(lines) + "\n")
+    files.write_results(out / "phantom_ablation", rows, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -25,7 +25,8 @@ sys.path[:0] = [str(ROOT), str(HERE)]  # the ddm4d beside this script, and motio
 import numpy as np  # noqa: E402
 
 import motion  # noqa: E402
-from ddm4d.files import write_text  # noqa: E402
+from ddm4d import files  # noqa: E402
+from ddm4d.errors import InputError  # noqa: E402
 from ddm4d.phantom import write_dataset  # noqa: E402
 
 
@@ -70,6 +71,12 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", help="write OUT.json and OUT.md")
     args = parser.parse_args()
+    if args.out:  # its own results only: never a file of another program under the --out name
+        try:
+            files.check_own_results(Path(args.out).with_suffix(".json"), Path(args.out).with_suffix(".md"),
+                                    ours=lambda r: isinstance(r, list) and all("precision" in row for row in r))
+        except InputError as err:
+            parser.error(str(err))
     import torch
     torch.set_num_threads(args.threads)
     rows = []
@@ -96,8 +103,7 @@ def main() -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
-        write_text(Path(args.out + ".json"), json.dumps(rows, indent=2))
-        write_text(Path(args.out + ".md"), text)
+        files.write_results(Path(args.out), rows, text)
     return 0
 
 

@@ -440,6 +440,13 @@ def _swap(tmp: Path, real: Path, given: Path, option: str, command: str) -> None
     _remove_result(old, real)
 
 
+def write_results(stem: str | os.PathLike, record: object, markdown: str) -> None:
+    """A benchmark's record as STEM.json and its table as STEM.md (check_own_results first)."""
+    stem = Path(stem)
+    write_text(stem.with_suffix(".json"), json.dumps(record, indent=2))
+    write_text(stem.with_suffix(".md"), markdown)
+
+
 def publish_into(staging: str | os.PathLike, out: str | os.PathLike) -> None:
     """Move the files of a temporary folder into `out`: the whole folder when `out` is new, else file
     by file (each rename atomic), so files of `out` with other names stay."""
