@@ -337,12 +337,6 @@ def warp_image(image: sitk.Image, field: sitk.Image, interpolator="linear",
     return result
 
 
-def _det3(j: np.ndarray) -> np.ndarray:
-    return (j[..., 0, 0] * (j[..., 1, 1] * j[..., 2, 2] - j[..., 1, 2] * j[..., 2, 1])
-            - j[..., 0, 1] * (j[..., 1, 0] * j[..., 2, 2] - j[..., 1, 2] * j[..., 2, 0])
-            + j[..., 0, 2] * (j[..., 1, 0] * j[..., 2, 1] - j[..., 1, 1] * j[..., 2, 0]))
-
-
 def _chain(gradients: list[np.ndarray], row: np.ndarray, diagonal: bool) -> np.ndarray:
     """delta + sum_i gradients[i] * row[i]: one entry of I + g D^T, skipping the zeros of D."""
     out = np.full_like(gradients[0], 1.0 if diagonal else 0.0)
@@ -394,13 +388,9 @@ def jacobian_determinant(field):
     dim = phi.shape[0]
     if dim not in (2, 3) or phi.ndim != dim + 1:
         raise ValueError(f"phi must have shape (ndim, *spatial) with ndim 2 or 3, got {phi.shape}")
-    g = np.empty(phi.shape[1:] + (dim, dim))
-    for c in range(dim):
-        for a in range(dim):
-            g[..., c, a] = _gradient(phi[c], a, 1.0)
-    jac = np.eye(dim) + g
-    det = _det3(jac) if dim == 3 else jac[..., 0, 0] * jac[..., 1, 1] - jac[..., 0, 1] * jac[..., 1, 0]
-    return det.astype(np.float32)
+    eye = np.eye(dim)
+    g = [[_gradient(phi[c], a, 1.0) for a in range(dim)] for c in range(dim)]
+    return _det_entries([[_chain(g[c], eye[a], c == a) for a in range(dim)] for c in range(dim)]).astype(np.float32)
 
 
 def folding_fraction(field, mask=None) -> float:

@@ -16,6 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import files
+from .errors import InputError
 from .io import write_cine, write_image
 from .metrics import STRUCTURE_NAMES
 
@@ -68,15 +69,10 @@ def write_sequence_nrrd(images: Sequence[sitk.Image], path: str | os.PathLike, i
 
 # what `ddm4d generate --outputs` can choose; the frames and report.json are always written
 OUTPUTS = ("fields", "jacobians", "labels", "frames_4d", "sequences", "quicklook")
-OUTPUT_HELP = {"fields": "fields/field_NNN.nrrd", "jacobians": "fields/jacobian_NNN", "labels":
-               "labels/labels_NNN with --seg, volumes.csv", "frames_4d": "frames_4d", "sequences":
-               "frames.seq.nrrd (and labels.seq.nrrd)", "quicklook": "montage.png, frames.gif, volumes.png"}
 
 
 def parse_outputs(outputs: str | Sequence[str] | None) -> tuple[str, ...]:
     """The chosen outputs in OUTPUTS order: None or "all" = all; "" or "none" = the frames only."""
-    from .errors import InputError
-
     if outputs is None:
         return OUTPUTS
     names = [n.strip() for n in outputs.split(",")] if isinstance(outputs, str) else [str(n) for n in outputs]
@@ -97,7 +93,6 @@ def write_outputs(result: GenerationResult, out_dir: Path, outputs: Sequence[str
     `compression`: None, ITK's default (.nii.gz, compressed NRRD); 0, none (.nii, raw NRRD: written
     several times faster, 2-3x the size); 1-9, that zlib level."""
     if compression is not None and not 0 <= compression <= 9:
-        from .errors import InputError
         raise InputError(f"--compress must be 0 (none) to 9, got {compression}")
     t0 = time.perf_counter()
 

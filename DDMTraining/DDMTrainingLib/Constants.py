@@ -29,7 +29,6 @@ LOSS_CURVE_FILE = _runfolder.LOSS_CURVE_FILE
 LOCK_FILE = _runfolder.LOCK_FILE
 MODEL_FORMAT = _runfolder.MODEL_FORMAT
 STATE_FORMAT = _runfolder.STATE_FORMAT
-EVENT_FIELDS = _runfolder.REQUIRED_FIELDS  # what a line needs to count as an event
 EXPORTED_MODELS_DIRECTORY = "models"  # models this module exports from checkpoints ("Use this model")
 
 # Background process
