@@ -332,7 +332,7 @@ def test_bf16_networks_stay_within_tolerance_of_fp32():
     from ddm4d.phantom import make_subject
 
     if bundled_model_path(2) is None:
-        pytest.skip("no bundled 2D model in this checkout")
+        pytest.skip("no bundled 2D model in this checkout (scripts/train_default_models.sh makes it)")
     subject = make_subject(11, size=(160, 160, 1))
     source, target = subject.images[subject.ed], subject.images[subject.es]
     gammas = frame_gammas(subject.ed, subject.es)
