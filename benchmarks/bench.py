@@ -254,8 +254,8 @@ def main() -> None:
     name = args.name or f"{args.device.split(':')[0]}_{'x'.join(map(str, args.size))}"
     out = HERE / "results"
     try:  # results of this script only: never another benchmark's files of the same --name
-        files.check_own_results(out / f"{name}.json", out / f"{name}.md", option="--name",
-                                ours=lambda r: isinstance(r, dict) and {"machine", "results"} <= r.keys())
+        files.check_results(out / name, lambda r: isinstance(r, dict) and {"machine", "results"} <= r.keys(),
+                            option="--name")
     except InputError as err:
         raise SystemExit(f"bench.py: error: {err}") from None
     results = [run_child(name, args) for name in args.cases.split(",")]

@@ -201,8 +201,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     try:  # its own results only: never a file of another program under the --out name
-        files.check_own_results(out.with_suffix(".json"), out.with_suffix(".md"),
-                                ours=lambda r: isinstance(r, dict) and {"methods", "groups"} <= r.keys())
+        files.check_results(out, lambda r: isinstance(r, dict) and {"methods", "groups"} <= r.keys())
     except InputError as err:
         parser.error(str(err))
     global REFINE, MODEL, PRECISION

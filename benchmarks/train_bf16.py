@@ -71,12 +71,11 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", help="write OUT.json and OUT.md")
     args = parser.parse_args()
-    if args.out:  # its own results only: never a file of another program under the --out name
-        try:
-            files.check_own_results(Path(args.out).with_suffix(".json"), Path(args.out).with_suffix(".md"),
-                                    ours=lambda r: isinstance(r, list) and all("precision" in row for row in r))
-        except InputError as err:
-            parser.error(str(err))
+    try:  # its own results only: never a file of another program under the --out name
+        if args.out:
+            files.check_results(args.out, lambda r: isinstance(r, list) and all("precision" in row for row in r))
+    except InputError as err:
+        parser.error(str(err))
     import torch
     torch.set_num_threads(args.threads)
     rows = []

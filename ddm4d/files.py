@@ -440,6 +440,12 @@ def _swap(tmp: Path, real: Path, given: Path, option: str, command: str) -> None
     _remove_result(old, real)
 
 
+def check_results(stem: str | os.PathLike, ours: Callable[[object], bool], option: str = "--out") -> None:
+    """check_own_results for a benchmark's STEM.json and STEM.md (what write_results writes)."""
+    stem = Path(stem)
+    check_own_results(stem.with_suffix(".json"), stem.with_suffix(".md"), ours=ours, option=option)
+
+
 def write_results(stem: str | os.PathLike, record: object, markdown: str) -> None:
     """A benchmark's record as STEM.json and its table as STEM.md (check_own_results first)."""
     stem = Path(stem)
