@@ -10,7 +10,8 @@ Cases
 
 Methods: initial (the source), linear blend, demons (scaled by gamma), symmetric demons (both ways,
 cross-faded), and ddm4d.generation in forward or symmetric mode with the bundled model, refinement on
-or off, or refinement alone (model none).
+or off, or refinement alone (model none); symmetric modes join their two moved images with the default
+fade (ddm4d.fade: confidence), "linear fade" with the plain cross-fade (the default until 2026-12).
 
 Metrics: PSNR (dB) / NMSE of in-between frames (ddm4d.cine's convention: the source's range -> [-1, 1],
 data range 2), mean per case, then over cases; with labels, Dice of the ED labels carried to each
@@ -39,7 +40,7 @@ import torch
 from ddm4d import files
 from ddm4d.classical import demons_frames, linear_blend
 from ddm4d.errors import InputError
-from ddm4d.config import RefineConfig
+from ddm4d.config import DEFAULT_FADE, RefineConfig
 from ddm4d.cine import inbetween
 from ddm4d.generation import generate
 from ddm4d.io import read_cine
@@ -52,7 +53,8 @@ GAPS = (4, 6, 8)
 UNSEEN_SEED = 7  # the bundled models were trained on seed 0 and checked on seed 1
 DICE_STRUCTURES = ("lv_blood_pool", "lv_myocardium", "rv")
 METHODS = ("initial", "blend", "demons", "symmetric demons", "forward", "symmetric", "forward+refine",
-           "symmetric+refine", "symmetric+refine model pace", "refine only forward", "refine only symmetric")
+           "symmetric+refine", "symmetric+refine linear fade", "symmetric+refine model pace", "refine only forward",
+           "refine only symmetric")
 
 
 @dataclass
@@ -120,7 +122,8 @@ def run_method(method: str, case: Case, gammas: list[float]) -> Output:
     model = "none" if method.startswith("refine only") else MODEL
     result = generate(case.source, case.target, model=model, gammas=gammas, mode=mode, refine=refine,
                       seg=case.source_labels, device="cpu", refine_config=REFINE, precision=PRECISION,
-                      model_timing=method.endswith("model pace"))
+                      model_timing=method.endswith("model pace"), fade="linear" if method.endswith("linear fade")
+                      else DEFAULT_FADE)
     seconds = time.perf_counter() - t0
     labels = dict(zip(gammas, result.labels)) if result.labels else {}
     return Output(dict(zip(gammas, result.frames)), dict(zip(gammas, result.fields)), labels,

@@ -24,6 +24,12 @@ DEFAULT_MODE = "symmetric"
 DEFAULT_REFINE = True  # per-case refinement of the path (ddm4d.refine), started from the model
 # False: frames evenly spaced along the refined path (True: at the model's own pace, which scored lower)
 DEFAULT_MODEL_TIMING = False
+# how symmetric generation joins the two moved images (ddm4d.fade): "confidence" weighs, voxel by voxel,
+# the motion-compensated cross-fade against the plain blend by how well each explains the pair there;
+# "linear" is the plain cross-fade (1 - gamma, gamma) of the moved images
+FADES = ("confidence", "linear")
+DEFAULT_FADE = "confidence"
+CONFIDENCE_SIGMA = 2.0  # finest-axis voxels over which the fade compares disagreements (1 to 4 measured alike)
 # where the networks run: auto (CUDA when present, else the CPU), or one of them; mps is Apple's GPU
 DEVICES = ("auto", "cpu", "cuda", "mps")
 #: precision of the networks' passes: auto (bf16 on CUDA, and on CPUs with native bf16 where the

@@ -22,10 +22,11 @@ import torch
 
 from . import files, resample
 from .checkpoint import load_any_model
-from .config import (DDMConfig, DEFAULT_MODE, DEFAULT_MODEL_TIMING, DEFAULT_REFINE, MODE_ALIASES, MODES,
-                     RefineConfig)
+from .config import (DDMConfig, DEFAULT_FADE, DEFAULT_MODE, DEFAULT_MODEL_TIMING, DEFAULT_REFINE, FADES, MODE_ALIASES,
+                     MODES, RefineConfig)
 from .device import PRECISIONS, autocast, check_precision, resolve_device, uses_bf16
 from .errors import Cancelled, InputError
+from .fade import join
 from .geometry import ModelMapping, folding_of, to_model_grid
 from .inputs import as_labels, in_input_dims, read_pair
 from .interface import Generation, Model
@@ -72,6 +73,7 @@ class GenerationResult:
     refinement: dict[str, Any] | None = None  # where refinement started, its time and objective
     score: dict[str, Any] | None = None  # against a cine's real in-between frames (ddm4d.cine.score_frames)
     jacobians: list[sitk.Image] = field(default_factory=list)  # det(I + grad u) of each field, float32
+    fade: str | None = None  # how symmetric mode joined its moved images (ddm4d.fade); None in forward mode
     motion_source: str = ""  # one sentence: the model (synthetic-trained or not) and whether it was refined
 
     def label_volumes_ml(self) -> list[dict[str, float]]:
@@ -100,7 +102,7 @@ def generate(source, target=None, model: Any = "default", frames: int = 10, gamm
              cancel: Callable[[], bool] | None = None, seed: int = 0, chunk_size: int | None = None,
              subtract_gamma0: bool | None = None, source_frame: int | None = None,
              target_frame: int | None = None, model_timing: bool = DEFAULT_MODEL_TIMING,
-             precision: str = "auto") -> GenerationResult:
+             precision: str = "auto", fade: str = DEFAULT_FADE) -> GenerationResult:
     """Generate frames from `source` towards `target`.
 
     :param source, target: SimpleITK images or paths (NIfTI, NRRD, MHA, DICOM series folder); with
@@ -115,6 +117,8 @@ def generate(source, target=None, model: Any = "default", frames: int = 10, gamm
     :param refine: per-case refinement of the path (ddm4d.refine), started from the model's field.
     :param precision: the networks' passes: "auto" (bf16 on CUDA and on CPUs with native bf16, where it
         was measured within 0.05 dB of fp32; benchmarks/motion.py --precision), "fp32" or "bf16".
+    :param fade: how symmetric mode joins its two moved images: "confidence" (voxel by voxel, towards
+        the plain blend where the motion does not explain the pair; ddm4d.fade) or "linear".
     :param model_timing: with refinement and a model, frames sit where the model's own path is at
         each gamma (its pace), not evenly along the refined path.
     :param fit_steps: per-case optimisation of the whole network on this pair (slow; the paper's loss).
@@ -129,6 +133,8 @@ def generate(source, target=None, model: Any = "default", frames: int = 10, gamm
     if mode not in MODES:
         raise InputError(f"unknown mode {mode!r}; use {' or '.join(MODES)}")
     gamma_list = _gammas(frames, gammas)
+    if fade not in FADES:
+        raise InputError(f"unknown fade {fade!r}; use {' or '.join(FADES)}")
     if int(fit_steps) < 0:
         raise InputError(f"fit steps must be >= 0, got {fit_steps}")
     source_img, target_img = read_pair(source, target, source_frame, target_frame)
@@ -189,16 +195,16 @@ def generate(source, target=None, model: Any = "default", frames: int = 10, gamm
     fov = mapping.fov_mask(erode=1)
 
     frames_out, fields_out, jacobians, folding, labels_out = [], [], [], [], []
+    ends = [torch.from_numpy(sitk.GetArrayFromImage(im)).float() for im in (mapping.source, mapping.target)]
     # all gammas at once, in torch (ddm4d.resample: SimpleITK's conventions, several times faster)
     for batch in resample.gamma_batches(gamma_list, mapping.source):
         fld = resample.fields_on_source(mapping, torch.cat([paths.forward[g] for g in batch]))
         warp = resample.Warp(fld, mapping.source)  # also carries the labels
         frames = warp.linear(mapping.source)  # (N, z, y, x) float32
-        if mode == "symmetric":  # cross-fade: (1 - gamma) the source moved forward + gamma the target moved back
+        if mode == "symmetric":  # the source moved forward joined with the target moved back (ddm4d.fade)
             back = resample.fields_on_source(mapping, torch.cat([paths.backward[g] for g in batch]))
             moved_target = resample.Warp(back, mapping.target).linear(mapping.target)
-            weight = torch.tensor(batch, dtype=torch.float32).view(-1, 1, 1, 1)
-            frames = frames * (1.0 - weight) + moved_target * weight
+            frames = join(*ends, frames, moved_target, batch, spacing=mapping.source.GetSpacing()[::-1], fade=fade)
         jacobian = resample.jacobians(fld, mapping.source)
         frames_out += resample.to_images(frames, mapping.source)
         fields_out += resample.to_images(fld, mapping.source, vector=True)
@@ -215,6 +221,7 @@ def generate(source, target=None, model: Any = "default", frames: int = 10, gamm
                             labels=labels_out if labels_img is not None else None, folding_fraction=folding,
                             jacobians=jacobians,
                             timings_s=timings, device=str(torch_device), model=model_name, mode=mode,
+                            fade=fade if mode == "symmetric" else None,
                             precision="bf16" if net is not None and uses_bf16(torch_device, precision, cpu_auto=True)
                             else "fp32",
                             mapping=mapping, fit_losses=fit_losses, messages=messages,
@@ -512,6 +519,10 @@ def add_arguments(parser) -> None:
                         help=f"symmetric: source and target warped along one path and cross-faded; forward: the "
                         f"source warped (the paper) (default {DEFAULT_MODE}; bidirectional is the old name of "
                         "symmetric)")
+    parser.add_argument("--fade", default=DEFAULT_FADE, choices=FADES,
+                        help="symmetric mode: confidence joins the two moved images voxel by voxel, towards the plain "
+                        "blend where the motion does not explain the pair; linear cross-fades them with (1 - gamma, "
+                        f"gamma) (default {DEFAULT_FADE})")
     parser.add_argument("--refine", action=argparse.BooleanOptionalAction, default=DEFAULT_REFINE,
                         help="per-case refinement of the path on this pair, started from the model's field "
                         f"(default {'on' if DEFAULT_REFINE else 'off'}; --no-refine: the model alone)")
@@ -584,7 +595,8 @@ def main(args) -> int:
                           fit_steps=args.fit_steps, seg=args.seg, device=args.device, mode=args.mode,
                           refine=args.refine, center=center, progress=progress, seed=args.seed,
                           chunk_size=args.chunk_size, subtract_gamma0=False if args.no_subtract_gamma0 else None,
-                          source_frame=args.source_frame, target_frame=args.target_frame, precision=args.precision)
+                          source_frame=args.source_frame, target_frame=args.target_frame, precision=args.precision,
+                          fade=args.fade)
     if cine is not None:
         from .cine import score_frames
         result.score = score_frames(result.frames, result.gammas, cine, args.source_frame, args.target_frame)

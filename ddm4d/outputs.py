@@ -144,7 +144,7 @@ def _write_into(result: GenerationResult, tmp: Path, final: Path, outputs: set[s
         "fields": [str(final / p) for p in field_paths], "jacobians": [str(final / p) for p in jac_paths],
         "outputs": sorted(outputs, key=OUTPUTS.index), "compression": compression, "device": result.device,
         "model": result.model, "motion_source": result.motion_source, "mode": result.mode,
-        "precision": result.precision,
+        "fade": result.fade, "precision": result.precision,
         "timings_s": dict(result.timings_s), "folding_fraction": result.folding_fraction,
         "field_convention": "LPS millimetres, pull: frame(x) = source(x + u(x)); SimpleITK DisplacementFieldTransform",
         "model_grid": {"size": list(result.mapping.grid.GetSize()), "spacing": list(result.mapping.grid.GetSpacing()),
