@@ -54,8 +54,9 @@ segmentation is given, the propagated labels with a volume-over-time plot.
 <li>Set the number of frames, the model (the bundled ones are trained on synthetic data; or your own
 .safetensors file), the device, and optionally an ROI to centre the field of view and a source
 segmentation. <b>Refine on this pair</b> (on by default) optimises the motion path on your scans,
-started from the model; <b>Symmetric</b> (on by default) cross-fades the source and the target
-warped along that path.</li>
+started from the model; <b>Symmetric</b> (on by default) joins the source and the target
+warped along that path, voxel by voxel towards the plain blend where the motion does not explain
+the change (through-plane motion, inflow).</li>
 <li>Press <b>Generate intermediate phases</b>. It runs in the background; Cancel stops it.
 Play the result with the sequence browser toolbar.</li>
 </ol>

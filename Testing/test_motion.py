@@ -178,6 +178,47 @@ def test_symmetric_refined_end_frames_are_exact_and_the_middle_has_moved(model):
     assert max(result.folding_fraction) == 0.0
 
 
+def test_confidence_fade_beats_the_linear_cross_fade_on_an_unseen_phantom_and_keeps_fields_and_ends():
+    """The default fade scores better against the true in-between frames of a phantom subject no model
+    saw than the plain cross-fade of the same moved images; fields and end frames do not change."""
+    from ddm4d.metrics import psnr
+    from ddm4d.phantom import make_subject, subject_seed
+    subject = make_subject(subject_seed(7, 2), size=(128, 128, 1))
+    gammas = [0.0] + [k / subject.es for k in range(1, subject.es)] + [1.0]
+    results = {fade: generate(subject.images[0], subject.images[subject.es], model="none", gammas=gammas,
+                              device="cpu", fade=fade) for fade in ("confidence", "linear")}
+    src = sitk.GetArrayViewFromImage(subject.images[0])
+    lo, hi = float(src.min()), float(src.max())
+
+    def score(result):
+        return np.mean([psnr((sitk.GetArrayViewFromImage(f) - lo) / (hi - lo), (sitk.GetArrayViewFromImage(r) - lo) / (hi - lo),
+                             data_range=1.0) for f, r in zip(result.frames[1:-1], subject.images[1:subject.es])])
+
+    confidence, linear = results["confidence"], results["linear"]
+    assert confidence.fade == "confidence" and linear.fade == "linear"
+    assert score(confidence) > score(linear) + 0.1
+    for a, b in zip(confidence.fields, linear.fields):
+        np.testing.assert_array_equal(sitk.GetArrayViewFromImage(a), sitk.GetArrayViewFromImage(b))
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(confidence.frames[0]), src)
+    np.testing.assert_allclose(sitk.GetArrayViewFromImage(confidence.frames[-1]),
+                               sitk.GetArrayViewFromImage(subject.images[subject.es]), atol=1e-3)
+
+
+def test_cli_fade_is_reported_and_a_wrong_one_is_refused(tmp_path, capsys):
+    s, t = tmp_path / "s.nii.gz", tmp_path / "t.nii.gz"
+    sitk.WriteImage(as_image(disc()), str(s))
+    sitk.WriteImage(as_image(disc(center=(30.0, 35.0), radius=10.0)), str(t))
+    common = ["generate", "--source", str(s), "--target", str(t), "--model", "none", "--frames", "3", "--quiet",
+              "--no-quicklook", "--outputs", "none"]
+    assert cli(common + ["--fade", "linear", "--out", str(tmp_path / "out")]) == 0
+    import json
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["fade"] == "linear"
+    with pytest.raises(SystemExit) as exit_info:
+        cli(common + ["--fade", "cubic", "--out", str(tmp_path / "o2")])
+    assert exit_info.value.code == 2 and "invalid choice: 'cubic'" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
+
+
 def test_forward_mode_frames_are_the_source_warped_by_the_written_fields():
     s, t = as_image(disc()), as_image(disc(center=(30.0, 35.0), radius=10.0))
     result = generate(s, t, model="none", frames=3, mode="forward", device="cpu")

@@ -489,9 +489,15 @@ def test_build_command_writes_exact_inputs(scene, logic, pair, tmp_path):
                                   sitk.GetArrayFromImage(target))
     assert option("--model") == str(model) and option("--fit-steps") == "20" and option("--device") == "cpu"
     assert option("--mode") == "symmetric" and "--refine" in args  # ddm4d's defaults
+    assert option("--fade") == "confidence"
     assert option("--outputs") == "fields,labels" and option("--compress") == "0"  # what it loads, uncompressed
     forward = logic.buildGenerateCommand(str(tmp_path / "out3"), sourceNode, targetNode, mode="forward", refine=False)
     assert forward.args[forward.args.index("--mode") + 1] == "forward" and "--no-refine" in forward.args
+    linear = logic.buildGenerateCommand(str(tmp_path / "out5"), sourceNode, targetNode, fade="linear")
+    assert linear.args[linear.args.index("--fade") + 1] == "linear"
+    with pytest.raises(ValueError, match="fade must be one of"):
+        logic.buildGenerateCommand(str(tmp_path / "out6"), sourceNode, targetNode, fade="cubic")
+    assert not (tmp_path / "out6").exists()  # refused before anything is written
     old_name = logic.buildGenerateCommand(str(tmp_path / "out4"), sourceNode, targetNode, mode="bidirectional")
     assert old_name.args[old_name.args.index("--mode") + 1] == "symmetric"
     assert [float(g) for g in option("--gammas").split(",")] == pytest.approx([0, 1 / 3, 2 / 3, 1])

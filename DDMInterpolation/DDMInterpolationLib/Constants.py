@@ -1,7 +1,7 @@
 """Named values of the DDMInterpolation module, in one place."""
 
 # generation modes and defaults are ddm4d's (its config module never imports torch)
-from ddm4d.config import DEFAULT_MODE, DEFAULT_REFINE, DEVICES, MODE_ALIASES, MODES  # noqa: F401
+from ddm4d.config import DEFAULT_FADE, DEFAULT_MODE, DEFAULT_REFINE, DEVICES, FADES, MODE_ALIASES, MODES  # noqa: F401
 
 # Generation defaults (the numbers themselves belong to ddm4d; these are the GUI's starting values)
 DEFAULT_NUMBER_OF_FRAMES = 10

@@ -41,6 +41,7 @@ class GenerationInputs:
     fitSteps: int = 0
     mode: str = C.DEFAULT_MODE
     refine: bool = C.DEFAULT_REFINE
+    fade: str = C.DEFAULT_FADE
     center: tuple = None  # LPS mm
     labels: sitk.Image = None
     labelNames: dict = dataclasses.field(default_factory=dict)  # label value -> name
@@ -136,7 +137,7 @@ class DDMInterpolationLogic:
     def generate(self, sourceNode=None, targetNode=None, numberOfFrames=None, *, sequenceNode=None,
                  sourceItem=None, targetItem=None, gammas=None, model=C.DEFAULT_MODEL, device="auto", fitSteps=0,
                  roiNode=None, segmentationNode=None, mode=C.DEFAULT_MODE, refine=C.DEFAULT_REFINE,
-                 transformVisualization=C.DEFAULT_TRANSFORM_VISUALIZATION, showResult=True,
+                 fade=C.DEFAULT_FADE, transformVisualization=C.DEFAULT_TRANSFORM_VISUALIZATION, showResult=True,
                  progressCallback=None, cancelCallback=None):
         """Generate intermediate phases in this process and return the sequence browser node.
 
@@ -157,6 +158,8 @@ class DDMInterpolationLogic:
         :param mode: ``"symmetric"`` (source and target warped along one path and cross-faded; the default) or
           ``"forward"`` (the source warped, as in the paper); see ddm4d.generation.
         :param refine: per-case refinement of the path on this pair, started from the model (the default).
+        :param fade: how symmetric mode joins the two moved images: ``"confidence"`` (the default: voxel by
+          voxel towards the plain blend where the motion does not explain the pair) or ``"linear"``.
         :param transformVisualization: ``"glyph"``, ``"grid"`` or ``"contour"`` in slice views.
         :param showResult: show the frames (and labels) in the slice views.
         :param progressCallback: ``progressCallback(fraction, message)``.
@@ -168,7 +171,7 @@ class DDMInterpolationLogic:
         inputs = self.prepareInputs(
             sourceNode, targetNode, numberOfFrames, sequenceNode=sequenceNode, sourceItem=sourceItem,
             targetItem=targetItem, gammas=gammas, model=model, device=device, fitSteps=fitSteps, roiNode=roiNode,
-            segmentationNode=segmentationNode, mode=mode, refine=refine)
+            segmentationNode=segmentationNode, mode=mode, refine=refine, fade=fade)
         from ddm4d.generation import generate as ddmGenerate  # imports torch: only now, never at module import
 
         def generationProgress(fraction, message):
@@ -178,12 +181,12 @@ class DDMInterpolationLogic:
         result = ddmGenerate(
             inputs.source, inputs.target, model=inputs.model, gammas=inputs.gammas, fit_steps=inputs.fitSteps,
             seg=inputs.labels, device=inputs.device, mode=inputs.mode, refine=inputs.refine, center=inputs.center,
-            progress=generationProgress, cancel=cancelCallback)
+            fade=inputs.fade, progress=generationProgress, cancel=cancelCallback)
         report = {
             "gammas": [float(g) for g in result.gammas],
             "folding_fraction": [float(f) for f in result.folding_fraction],
             "timings_s": dict(result.timings_s), "model": result.model, "device": result.device,
-            "mode": result.mode, "fit_steps": inputs.fitSteps, "messages": list(result.messages),
+            "mode": result.mode, "fade": result.fade, "fit_steps": inputs.fitSteps, "messages": list(result.messages),
             "refinement": result.refinement, "motion_source": result.motion_source,
         }
         if progressCallback is not None:
@@ -220,7 +223,7 @@ class DDMInterpolationLogic:
                 "--source", sourcePath, "--target", targetPath, "--out", outputDirectory,
                 "--gammas", ",".join(f"{g:.9g}" for g in inputs.gammas),
                 "--fit-steps", str(inputs.fitSteps), "--device", inputs.device, "--mode", inputs.mode,
-                "--refine" if inputs.refine else "--no-refine"]
+                "--refine" if inputs.refine else "--no-refine", "--fade", inputs.fade]
         args += ["--model", "none" if inputs.model is None else str(inputs.model)]
         # only what loadGenerateOutputs reads, uncompressed: the work folder is temporary
         args += ["--outputs", ",".join(C.GENERATE_OUTPUTS), "--compress", "0"]
@@ -274,7 +277,8 @@ class DDMInterpolationLogic:
 
     def prepareInputs(self, sourceNode=None, targetNode=None, numberOfFrames=None, *, sequenceNode=None,
                       sourceItem=None, targetItem=None, gammas=None, model=C.DEFAULT_MODEL, device="auto",
-                      fitSteps=0, roiNode=None, segmentationNode=None, mode=C.DEFAULT_MODE, refine=C.DEFAULT_REFINE):
+                      fitSteps=0, roiNode=None, segmentationNode=None, mode=C.DEFAULT_MODE, refine=C.DEFAULT_REFINE,
+                      fade=C.DEFAULT_FADE):
         """Validate the inputs of :meth:`generate` and convert them to SimpleITK images.
 
         :raises ValueError: with a message that says what to change. Leaves the scene unchanged.
@@ -299,7 +303,7 @@ class DDMInterpolationLogic:
             source=source, target=target, baseName=inputs["baseName"],
             gammas=self._gammas(numberOfFrames, gammas), model=self._checkModel(model, fitSteps, refine),
             device=self._checkDevice(device), fitSteps=int(fitSteps), mode=self._checkMode(mode), refine=bool(refine),
-            center=self._roiCenter(roiNode),
+            fade=self._checkFade(fade), center=self._roiCenter(roiNode),
             indexName=inputs.get("indexName", C.GAMMA_INDEX_NAME), indexUnit=inputs.get("indexUnit", ""),
             cineSequenceNode=sequenceNode, sourceItem=inputs.get("sourceItem"), targetItem=inputs.get("targetItem"),
             cineIndexValues=inputs.get("cineIndexValues"))
@@ -504,6 +508,12 @@ class DDMInterpolationLogic:
         if mode not in C.MODES:
             raise ValueError(f"mode must be one of {', '.join(repr(m) for m in C.MODES)}, got {mode!r}")
         return mode
+
+    @staticmethod
+    def _checkFade(fade):
+        if fade not in C.FADES:
+            raise ValueError(f"fade must be one of {', '.join(repr(f) for f in C.FADES)}, got {fade!r}")
+        return fade
 
     @staticmethod
     def _roiCenter(roiNode):
