@@ -5,7 +5,7 @@ matmul is measured right after each case: these machines drift by up to 2x withi
 fraction does not. Writes benchmarks/results/<name>.json and .md.
 
     python benchmarks/bench.py                      # CPU, 2 threads, 128x128x32
-    python benchmarks/bench.py --device cuda        # GPU (bf16 autocast)
+    python benchmarks/bench.py --device cuda        # GPU (bf16 autocast), plain and compiled
     python benchmarks/bench.py --allocator default  # glibc's malloc defaults (the CLI tunes them)
     python benchmarks/bench.py --cases refine_slice,refine --name refine   # per-case refinement only
 """
@@ -61,8 +61,37 @@ def peak_memory_gib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB -> GiB on Linux
 
 
+#: the cases of one run: on a GPU the networks plain and through torch.compile (CUDA graphs there)
+DEFAULT_CASES = {"cpu": "generate,train,generate_files,refine_slice,refine",
+                 "cuda": "generate,generate_compiled,train,train_compiled"}
+
+
 def case(name: str, size: list[int], device: str, frames: int, repeats: int, precision: str = "auto") -> dict:
-    """Runs inside a child process: one measurement, printed as JSON."""
+    """Runs inside a child process: one measurement, printed as JSON. A case whose name ends in
+    "_compiled" runs both networks through torch.compile (mode "reduce-overhead": CUDA graphs on a GPU);
+    where compiling fails, the result says why instead of a time."""
+    if name.endswith("_compiled"):
+        try:
+            return compiled_case(name, size, device, frames, repeats, precision)
+        except Exception as err:  # a benchmark reports what failed; it does not stop the other cases
+            return {"case": name, "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
+    return _measure(name, size, device, frames, repeats, precision)
+
+
+def compiled_case(name: str, size: list[int], device: str, frames: int, repeats: int, precision: str) -> dict:
+    import torch
+
+    t = time.perf_counter()
+    result = _measure(name[:-len("_compiled")], size, device, frames, repeats, precision, compile_networks=True)
+    result["case"] = name
+    result["compile_and_warm_up_s"] = time.perf_counter() - t - result["seconds_total"]
+    result["compile_mode"] = "reduce-overhead" if device.startswith("cuda") else "default"
+    result["torch_compile"] = torch.__version__
+    return result
+
+
+def _measure(name: str, size: list[int], device: str, frames: int, repeats: int, precision: str = "auto",
+             compile_networks: bool = False) -> dict:
     import numpy as np
     import torch
 
@@ -73,6 +102,10 @@ def case(name: str, size: list[int], device: str, frames: int, repeats: int, pre
     torch.manual_seed(0)
     cfg = DDMConfig(image_size=tuple(size))
     model = DDM(cfg).to(device)
+    if compile_networks:
+        mode = "reduce-overhead" if device.startswith("cuda") else "default"
+        model.diffusion = torch.compile(model.diffusion, mode=mode, dynamic=False)
+        model.deformation = torch.compile(model.deformation, mode=mode, dynamic=False)
     shape = (1, 1) + tuple(reversed(size))
     source = torch.rand(shape, device=device) * 2 - 1
     target = torch.rand(shape, device=device) * 2 - 1
@@ -108,7 +141,8 @@ def case(name: str, size: list[int], device: str, frames: int, repeats: int, pre
         return refinement(size if name == "refine" else [128, 128], device)
     else:
         raise ValueError(name)
-    step()  # warm-up (allocator, oneDNN primitive cache)
+    for _ in range(3 if compile_networks else 1):  # warm-up (allocator, oneDNN cache; compiling, graph capture)
+        step()
     sync(device)
     times = []
     for _ in range(repeats):
@@ -118,7 +152,7 @@ def case(name: str, size: list[int], device: str, frames: int, repeats: int, pre
         times.append(time.perf_counter() - t)
     best = min(times)
     return {"case": name, "seconds_min": best, "seconds_median": float(np.median(times)), "gflop": gflop,
-            "gflops": gflop / best, "peak_memory_gib": peak_memory_gib(device)}
+            "gflops": gflop / best, "peak_memory_gib": peak_memory_gib(device), "seconds_total": sum(times)}
 
 
 def refinement(size: list[int], device: str) -> dict:
@@ -211,10 +245,16 @@ def markdown(report: dict) -> str:
              "| case | time (s) | GFLOP/s | matmul GFLOP/s after | fraction of matmul | peak memory (GiB) |",
              "|---|---|---|---|---|---|"]
     for r in report["results"]:
+        if "error" in r:
+            lines.append(f"| {r['case']} | failed: {r['error']} | | | | |")
+            continue
         lines.append(f"| {r['case']} | {r['seconds_min']:.3f} | {r.get('gflops', float('nan')):.1f} | "
                      f"{r['matmul_gflops_after']:.1f} | {r.get('fraction_of_matmul', float('nan')):.2f} | "
                      f"{r['peak_memory_gib']:.2f} |")
     for r in report["results"]:
+        if "compile_and_warm_up_s" in r:
+            lines += ["", f"{r['case']}: torch.compile mode {r['compile_mode']}, compiling and warming up took "
+                      f"{r['compile_and_warm_up_s']:.1f} s before the timed runs"]
         if "timings_s" in r:
             parts = ", ".join(f"{k} {v:.3f}" for k, v in r["timings_s"].items())
             lines += ["", f"end to end from files ({r['case']}): {parts}"]
@@ -228,7 +268,7 @@ def main() -> None:
     p.add_argument("--size", type=int, nargs=3, default=[128, 128, 32], metavar=("X", "Y", "Z"))
     p.add_argument("--frames", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--cases", default="generate,train,generate_files,refine_slice,refine")
+    p.add_argument("--cases", help="comma-separated; default: " + "; ".join(f"{k}: {v}" for k, v in DEFAULT_CASES.items()))
     p.add_argument("--allocator", choices=("tuned", "default"), default="tuned",
                    help="tuned: as the ddm4d CLI runs (ddm4d.allocator); default: glibc's malloc settings")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
@@ -258,7 +298,8 @@ def main() -> None:
                             option="--name")
     except InputError as err:
         raise SystemExit(f"bench.py: error: {err}") from None
-    results = [run_child(name, args) for name in args.cases.split(",")]
+    cases = args.cases or DEFAULT_CASES["cuda" if args.device.startswith("cuda") else "cpu"]
+    results = [run_child(name, args) for name in cases.split(",")]
     machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     report = {"machine": machine, "device": args.device, "threads": args.threads, "size": args.size,
               "frames": args.frames, "allocator": args.allocator, "precision": args.precision, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
