@@ -37,10 +37,11 @@ def _index_to_physical(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
     return _direction(image) * np.asarray(image.GetSpacing()), np.asarray(image.GetOrigin(), dtype=np.float64)
 
 
-def _indices(image: sitk.Image, dtype=torch.float64) -> list[torch.Tensor]:
-    """Index along x, y and z of every voxel, each broadcastable to (z, y, x)."""
+def _indices(image: sitk.Image) -> list[torch.Tensor]:
+    """Index along x, y and z of every voxel (float64), each broadcastable to (z, y, x)."""
     size = image.GetSize()
-    return [torch.arange(n, dtype=dtype).view([-1 if a == 2 - k else 1 for a in range(3)]) for k, n in enumerate(size)]
+    return [torch.arange(n, dtype=torch.float64).view([-1 if a == 2 - k else 1 for a in range(3)])
+            for k, n in enumerate(size)]
 
 
 def _inside(index: Sequence[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
