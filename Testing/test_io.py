@@ -1,6 +1,7 @@
 """Reading every supported input, refusing each bad one with a message naming the file, atomic writes."""
 from __future__ import annotations
 
+import locale
 import os
 import stat
 import warnings
@@ -36,7 +37,18 @@ def same_geometry(a: sitk.Image, b: sitk.Image) -> bool:
 
 
 def write_dicom_series(folder: Path, img: sitk.Image, times: int = 1) -> None:
-    """One DICOM file per slice (and per phase when times > 1, same positions: a classic cine)."""
+    """One DICOM file per slice (and per phase when times > 1, same positions: a classic cine).
+
+    ITK's DICOM writer leaves the process's C locale at "C" (ASCII), which would break text decoding in
+    every later test of this process (subprocess output with non-ASCII characters): restored after."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_dicom_series(folder, img, times)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_dicom_series(folder: Path, img: sitk.Image, times: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
