@@ -195,7 +195,8 @@ def generate(source, target=None, model: Any = "default", frames: int = 10, gamm
     fov = mapping.fov_mask(erode=1)
 
     frames_out, fields_out, jacobians, folding, labels_out = [], [], [], [], []
-    ends = [torch.from_numpy(sitk.GetArrayFromImage(im)).float() for im in (mapping.source, mapping.target)]
+    ends = [torch.from_numpy(sitk.GetArrayFromImage(im)).float() for im in (mapping.source, mapping.target)] \
+        if mode == "symmetric" else []  # what the fade blends towards; forward mode never reads them
     # all gammas at once, in torch (ddm4d.resample: SimpleITK's conventions, several times faster)
     for batch in resample.gamma_batches(gamma_list, mapping.source):
         fld = resample.fields_on_source(mapping, torch.cat([paths.forward[g] for g in batch]))
