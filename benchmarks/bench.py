@@ -78,15 +78,17 @@ def case(name: str, size: list[int], device: str, frames: int, repeats: int, pre
     return _measure(name, size, device, frames, repeats, precision)
 
 
-def compiled_case(name: str, size: list[int], device: str, frames: int, repeats: int, precision: str) -> dict:
-    import torch
+def compile_mode(device: str) -> str:
+    """torch.compile's mode: reduce-overhead replays CUDA graphs on a GPU; the CPU has none."""
+    return "reduce-overhead" if device.startswith("cuda") else "default"
 
+
+def compiled_case(name: str, size: list[int], device: str, frames: int, repeats: int, precision: str) -> dict:
     t = time.perf_counter()
     result = _measure(name[:-len("_compiled")], size, device, frames, repeats, precision, compile_networks=True)
     result["case"] = name
     result["compile_and_warm_up_s"] = time.perf_counter() - t - result["seconds_total"]
-    result["compile_mode"] = "reduce-overhead" if device.startswith("cuda") else "default"
-    result["torch_compile"] = torch.__version__
+    result["compile_mode"] = compile_mode(device)
     return result
 
 
@@ -103,9 +105,8 @@ def _measure(name: str, size: list[int], device: str, frames: int, repeats: int,
     cfg = DDMConfig(image_size=tuple(size))
     model = DDM(cfg).to(device)
     if compile_networks:
-        mode = "reduce-overhead" if device.startswith("cuda") else "default"
-        model.diffusion = torch.compile(model.diffusion, mode=mode, dynamic=False)
-        model.deformation = torch.compile(model.deformation, mode=mode, dynamic=False)
+        model.diffusion = torch.compile(model.diffusion, mode=compile_mode(device), dynamic=False)
+        model.deformation = torch.compile(model.deformation, mode=compile_mode(device), dynamic=False)
     shape = (1, 1) + tuple(reversed(size))
     source = torch.rand(shape, device=device) * 2 - 1
     target = torch.rand(shape, device=device) * 2 - 1
