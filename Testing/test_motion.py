@@ -104,6 +104,17 @@ def test_refinement_recovers_a_contraction_and_a_shift(symmetric):
         assert jacobian_determinant(integrate(g * result.velocity)[0].numpy()).min() > 0
 
 
+def test_symmetric_objective_compares_the_source_half_way_forward_with_the_target_half_way_back():
+    """The two halves are warped in one batch for speed; each must still be its own image and half."""
+    from ddm4d.refine import _Objective
+    source, target = disc(), disc(center=(30.0, 35.0), radius=10.0)
+    v = smooth_field((64, 64), 3.0, seed=5)
+    a, b = _Objective(source, target, [1.5, 1.5], RefineConfig(), symmetric=True).images(v)
+    assert torch.allclose(a, warp(source, integrate(v / 2)), atol=1e-5)
+    assert torch.allclose(b, warp(target, integrate(-v / 2)), atol=1e-5)
+    assert (a - b).abs().max().item() > 0.1  # not the same image twice
+
+
 def test_refinement_starts_from_the_model_only_where_that_is_better():
     source, target = disc(), disc(center=(32.0, 36.0), radius=12.0)
     good = refine_velocity(source, target, [1.5, 1.5]).velocity
