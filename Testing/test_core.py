@@ -82,6 +82,29 @@ def test_model_shapes_for_any_size_in_2d_and_3d(dims, spatial):
     assert model.latent_code(s, t).shape == (1, 1, *spatial)
 
 
+def test_group_norm_in_bf16_channels_last_matches_pytorchs_and_keeps_the_layout():
+    """The bf16 CPU path computes in the standard layout for speed; values, gradients, layout and
+    parameter names stay those of nn.GroupNorm."""
+    from ddm4d.networks.blocks import GroupNorm
+    torch.manual_seed(0)
+    ours, reference = GroupNorm(4, 8), torch.nn.GroupNorm(4, 8)
+    with torch.no_grad():
+        ours.weight.normal_(), ours.bias.normal_()
+    reference.load_state_dict(ours.state_dict())
+    x = (torch.randn(2, 8, 6, 10, 12) * 3 + 1).to(torch.bfloat16).contiguous(memory_format=torch.channels_last_3d)
+    grad = torch.randn(2, 8, 6, 10, 12).to(torch.bfloat16)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    ys = [ours(xs[0]), reference(xs[1])]
+    for y in ys:
+        y.backward(grad)
+    assert ys[0].is_contiguous(memory_format=torch.channels_last_3d) and ys[0].dtype == ys[1].dtype
+    assert torch.allclose(ys[0].float(), ys[1].float(), atol=0.05)
+    assert torch.allclose(xs[0].grad.float(), xs[1].grad.float(), atol=0.05)
+    assert torch.allclose(ours.weight.grad, reference.weight.grad, rtol=0.02, atol=0.5)
+    assert (ys[0].float() - ys[1].float()).abs().mean() < 5e-3
+    assert list(ours.state_dict()) == ["weight", "bias"]
+
+
 def test_wrong_dimensionality_is_a_clear_error():
     with pytest.raises(ValueError, match="3D model"):
         DDM().training_losses(torch.rand(1, 1, 16, 16), torch.rand(1, 1, 16, 16))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import LinearAttention, ResidualBlock, SinusoidalEmbedding, conv_nd
+from .blocks import GroupNorm, LinearAttention, ResidualBlock, SinusoidalEmbedding, conv_nd
 
 
 class DiffusionUNet(nn.Module):
@@ -50,7 +50,7 @@ class DiffusionUNet(nn.Module):
                 ch = channels * channel_mults[level]
             if level > 0:
                 self.ups.append(conv_nd(spatial_dims, ch, ch))  # after nearest x2 upsampling
-        self.out_norm = nn.GroupNorm(min(norm_groups, ch), ch)
+        self.out_norm = GroupNorm(min(norm_groups, ch), ch)
         self.out = conv_nd(spatial_dims, ch, out_channels)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
