@@ -38,3 +38,25 @@ def test_a_compiled_case_that_cannot_compile_reports_the_reason(monkeypatch):
     monkeypatch.setattr(bench, "compiled_case", broken)
     result = bench.case("generate_compiled", [16, 16, 8], "cpu", 2, 1)
     assert result == {"case": "generate_compiled", "error": "RuntimeError: no compiler"}
+
+
+def test_authors_side_by_side_refuses_a_folder_that_is_not_their_checkout(tmp_path):
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench.py"), "--authors", str(tmp_path), "--name",
+                           str(tmp_path / "side")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "not a checkout of the authors' code" in done.stderr and "torchDDM/DDM" in done.stderr
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_side_by_side_reports_how_many_times_faster_and_both_peak_memories():
+    results = [{"case": "authors_generate", "seconds_min": 4.0, "peak_memory_gib": 0.9},
+               {"case": "generate", "seconds_min": 1.0, "peak_memory_gib": 0.7},
+               {"case": "authors_train", "seconds_min": 6.0, "peak_memory_gib": 2.0},
+               {"case": "train_bf16", "seconds_min": 1.5, "peak_memory_gib": 1.2},
+               {"case": "train", "error": "RuntimeError: out of memory"}]
+    lines = bench.side_by_side(results)
+    assert lines[1] == "Against the authors' code in the same run:"
+    assert any(line.startswith("- generate: 4.00x faster") and "0.70 against 0.90 GiB" in line for line in lines)
+    assert any(line.startswith("- train_bf16: 4.00x faster") for line in lines)
+    assert not any(line.startswith("- train:") for line in lines)  # a failed case is not compared
+    assert bench.side_by_side(results[1:2]) == []  # nothing of theirs, nothing said

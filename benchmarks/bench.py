@@ -8,6 +8,11 @@ fraction does not. Writes benchmarks/results/<name>.json and .md.
     python benchmarks/bench.py --device cuda        # GPU (bf16 autocast), plain and compiled
     python benchmarks/bench.py --allocator default  # glibc's malloc defaults (the CLI tunes them)
     python benchmarks/bench.py --cases refine_slice,refine --name refine   # per-case refinement only
+    python benchmarks/bench.py --authors ~/src/DDM --name authors_side_by_side   # against the authors' code
+
+--authors takes a checkout of the authors' published code (github.com/torchDDM/DDM; it is not part of
+ddm4d and nothing of it is copied here): their networks and training defaults, built from their
+config/DDM_train.json, run in the same session as ours, case after case, for a same-run comparison.
 """
 from __future__ import annotations
 
@@ -64,12 +69,20 @@ def peak_memory_gib(device: str) -> float:
 #: the cases of one run: on a GPU the networks plain and through torch.compile (CUDA graphs there)
 DEFAULT_CASES = {"cpu": "generate,train,generate_files,refine_slice,refine",
                  "cuda": "generate,generate_compiled,train,train_compiled"}
+#: with --authors: the authors' generation and training step beside ours, in both precisions of ours
+AUTHORS_CASES = "authors_generate,generate,authors_train,train,train_bf16"
 
 
-def case(name: str, size: list[int], device: str, frames: int, repeats: int, precision: str = "auto") -> dict:
+def case(name: str, size: list[int], device: str, frames: int, repeats: int, precision: str = "auto",
+         authors: str | None = None) -> dict:
     """Runs inside a child process: one measurement, printed as JSON. A case whose name ends in
     "_compiled" runs both networks through torch.compile (mode "reduce-overhead": CUDA graphs on a GPU);
-    where compiling fails, the result says why instead of a time."""
+    where compiling fails, the result says why instead of a time. "train_bf16": a training iteration
+    in bf16 whatever --precision says. "authors_*": the authors' code from the --authors checkout."""
+    if name.startswith("authors_"):
+        return authors_case(name, size, device, frames, repeats, authors)
+    if name == "train_bf16":
+        return {**_measure("train", size, device, frames, repeats, "bf16"), "case": name}
     if name.endswith("_compiled"):
         try:
             return compiled_case(name, size, device, frames, repeats, precision)
@@ -156,6 +169,71 @@ def _measure(name: str, size: list[int], device: str, frames: int, repeats: int,
             "gflops": gflop / best, "peak_memory_gib": peak_memory_gib(device), "seconds_total": sum(times)}
 
 
+def authors_case(name: str, size: list[int], device: str, frames: int, repeats: int, checkout: str) -> dict:
+    """The authors' generation (their test: one diffusion pass at t = 0, then one deformation pass per
+    gamma, one after another) or training iteration (their p_losses, backward, Adam), with the networks
+    and defaults of their config/DDM_train.json, fp32 as they run. Random weights, as ours."""
+    import contextlib
+
+    import numpy as np
+    import torch
+
+    root = Path(checkout).resolve()
+    sys.path.insert(0, str(root))
+    if not device.startswith("cuda"):  # their code moves its constant tensors with .cuda(); here they stay put
+        torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    from model.ddpm_modules import diffusion, unet  # the checkout's modules
+    from model.my_voxelmorph import registUnetBlock
+
+    opt = json.loads((root / "config" / "DDM_train.json").read_text())
+    m = opt["model"]
+    torch.manual_seed(0)
+    denoise = unet.UNet(in_channel=m["unet"]["in_channel"], out_channel=m["unet"]["out_channel"],
+                        inner_channel=m["unet"]["inner_channel"], channel_mults=m["unet"]["channel_multiplier"],
+                        attn_res=m["unet"]["attn_res"], res_blocks=m["unet"]["res_blocks"],
+                        dropout=m["unet"]["dropout"], image_size=size)
+    field = registUnetBlock(m["field"]["in_channel"], m["field"]["encoder_nc"], m["field"]["decoder_nc"])
+    net = diffusion.GaussianDiffusion(denoise, field, channels=1, loss_type="l2", conditional=True).to(device)
+    net.set_loss(device)
+    net.set_new_noise_schedule(m["beta_schedule"]["train"], device)
+    shape = (1, 1) + tuple(reversed(size))  # their loader's (batch, 1, depth, height, width)
+    source = torch.rand(shape, device=device) * 2 - 1
+    target = torch.rand(shape, device=device) * 2 - 1
+    scale = np.prod(size) / PAPER_VOXELS
+    if name == "authors_train":
+        net.train()
+        optimizer = torch.optim.Adam(net.parameters(), lr=opt["train"]["optimizer"]["lr"], betas=(0.5, 0.999))
+
+        def step():
+            loss = net.p_losses({"S": source, "T": target}, opt["train"]["loss_lambda"])[1][-1]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+        gflop = 2 * 3 * (GMAC_DIFFUSION + GMAC_DEFORM + GMAC_NCC) * scale
+    elif name == "authors_generate":
+        net.eval()
+
+        def step():
+            with contextlib.redirect_stdout(sys.stderr):  # their loop prints each gamma
+                net.ddm_inference(torch.cat([source, target], dim=1), frames)
+
+        gflop = 2 * (GMAC_DIFFUSION + frames * GMAC_DEFORM) * scale
+    else:
+        raise ValueError(name)
+    step()  # warm-up, as ours
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    best = min(times)
+    return {"case": name, "seconds_min": best, "seconds_median": float(np.median(times)), "gflop": gflop,
+            "gflops": gflop / best, "peak_memory_gib": peak_memory_gib(device), "seconds_total": sum(times)}
+
+
 def refinement(size: list[int], device: str) -> dict:
     """Per-case refinement (ddm4d.refine, the default of generate) of a pair that differs by a smooth
     deformation of a few voxels: a 128 x 128 slice or the --size volume (budgets: ~10 s and ~60 s)."""
@@ -221,6 +299,8 @@ def _generate_files(tmp: Path, size, device: str, frames: int, repeats: int, pre
 def run_child(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", name, "--device", args.device, "--threads", str(args.threads),
            "--allocator", args.allocator, "--precision", args.precision, "--frames", str(args.frames), "--repeats", str(args.repeats), "--size", *map(str, args.size)]
+    if args.authors:
+        cmd += ["--authors", args.authors]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     if out.returncode:
         raise SystemExit(f"benchmark case {name} failed:\n{out.stderr}")
@@ -259,7 +339,21 @@ def markdown(report: dict) -> str:
         if "timings_s" in r:
             parts = ", ".join(f"{k} {v:.3f}" for k, v in r["timings_s"].items())
             lines += ["", f"end to end from files ({r['case']}): {parts}"]
+    lines += side_by_side(report["results"])
     return "\n".join(lines) + "\n"
+
+
+def side_by_side(results: list[dict]) -> list[str]:
+    """How many times faster than the authors' code each of our cases ran, and the peak memory of both."""
+    by_case = {r["case"]: r for r in results if "error" not in r}
+    lines = []
+    for ours, theirs in (("generate", "authors_generate"), ("train", "authors_train"), ("train_bf16", "authors_train")):
+        if ours in by_case and theirs in by_case:
+            a, b = by_case[ours], by_case[theirs]
+            lines.append(f"- {ours}: {b['seconds_min'] / a['seconds_min']:.2f}x faster than the authors' code "
+                         f"({a['seconds_min']:.3f} s against {b['seconds_min']:.3f} s), peak memory "
+                         f"{a['peak_memory_gib']:.2f} against {b['peak_memory_gib']:.2f} GiB")
+    return ["", "Against the authors' code in the same run:", *lines] if lines else []
 
 
 def main() -> None:
@@ -276,6 +370,9 @@ def main() -> None:
                    help="auto: as ddm4d runs (generation in bf16 on GPUs and CPUs with native bf16; training in "
                         "bf16 on GPUs); fp32 or bf16 for every case")
     p.add_argument("--name", default=None, help="results file name (default: device and size)")
+    p.add_argument("--authors", metavar="CHECKOUT",
+                   help="a checkout of the authors' code (github.com/torchDDM/DDM): time it beside ours "
+                        f"(default cases then: {AUTHORS_CASES})")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child and args.allocator == "tuned":
@@ -289,8 +386,12 @@ def main() -> None:
         print(f"bench.py: no CUDA GPU here (torch {torch.__version__}): nothing measured; run it where PyTorch "
               "sees a GPU")
         return  # exit 0: a machine without a GPU is not a failure of the benchmark
+    if args.authors and not (Path(args.authors) / "model" / "ddpm_modules" / "diffusion.py").is_file():
+        p.error(f"--authors {args.authors}: not a checkout of the authors' code (no model/ddpm_modules/diffusion.py "
+                "in it); clone github.com/torchDDM/DDM and give its folder")
     if args.child:
-        print(json.dumps(case(args.child, args.size, args.device, args.frames, args.repeats, args.precision)))
+        print(json.dumps(case(args.child, args.size, args.device, args.frames, args.repeats, args.precision,
+                              args.authors)))
         return
     name = args.name or f"{args.device.split(':')[0]}_{'x'.join(map(str, args.size))}"
     out = HERE / "results"
@@ -299,7 +400,7 @@ def main() -> None:
                             option="--name")
     except InputError as err:
         raise SystemExit(f"bench.py: error: {err}") from None
-    cases = args.cases or DEFAULT_CASES["cuda" if args.device.startswith("cuda") else "cpu"]
+    cases = args.cases or (AUTHORS_CASES if args.authors else DEFAULT_CASES["cuda" if args.device.startswith("cuda") else "cpu"])
     results = [run_child(name, args) for name in cases.split(",")]
     machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     report = {"machine": machine, "device": args.device, "threads": args.threads, "size": args.size,
