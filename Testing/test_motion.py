@@ -115,6 +115,23 @@ def test_symmetric_objective_compares_the_source_half_way_forward_with_the_targe
     assert (a - b).abs().max().item() > 0.1  # not the same image twice
 
 
+def test_refinement_adam_takes_torch_adams_steps():
+    from ddm4d.refine import Adam
+    torch.manual_seed(0)
+    ours = torch.randn(3, 5, requires_grad=True)
+    theirs = ours.detach().clone().requires_grad_(True)
+    start = ours.detach().clone()
+    mine, reference = Adam(ours, lr=0.1), torch.optim.Adam([theirs], lr=0.1)
+    for _ in range(30):
+        grad = torch.randn(3, 5)
+        for param, opt in ((ours, mine), (theirs, reference)):
+            opt.zero_grad()
+            (param * grad).sum().backward()
+            opt.step()
+    assert torch.allclose(ours, theirs, atol=1e-6) and (ours - theirs).abs().max() < 1e-6
+    assert (ours.detach() - start).abs().max() > 0.1  # it moved
+
+
 def test_refinement_starts_from_the_model_only_where_that_is_better():
     source, target = disc(), disc(center=(32.0, 36.0), radius=12.0)
     good = refine_velocity(source, target, [1.5, 1.5]).velocity
