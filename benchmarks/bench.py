@@ -155,7 +155,15 @@ def _measure(name: str, size: list[int], device: str, frames: int, repeats: int,
         return refinement(size if name == "refine" else [128, 128], device)
     else:
         raise ValueError(name)
-    for _ in range(3 if compile_networks else 1):  # warm-up (allocator, oneDNN cache; compiling, graph capture)
+    # warm-up: allocator, oneDNN cache; compiling and graph capture
+    return timed(name, step, gflop, device, repeats, warm_ups=3 if compile_networks else 1)
+
+
+def timed(name: str, step, gflop: float, device: str, repeats: int, warm_ups: int = 1) -> dict:
+    """Best and median of `repeats` timed calls of `step` after `warm_ups` untimed ones."""
+    import numpy as np
+
+    for _ in range(warm_ups):
         step()
     sync(device)
     times = []
@@ -221,17 +229,7 @@ def authors_case(name: str, size: list[int], device: str, frames: int, repeats: 
         gflop = 2 * (GMAC_DIFFUSION + frames * GMAC_DEFORM) * scale
     else:
         raise ValueError(name)
-    step()  # warm-up, as ours
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    best = min(times)
-    return {"case": name, "seconds_min": best, "seconds_median": float(np.median(times)), "gflop": gflop,
-            "gflops": gflop / best, "peak_memory_gib": peak_memory_gib(device), "seconds_total": sum(times)}
+    return timed(name, step, gflop, device, repeats)  # one warm-up, as ours
 
 
 def refinement(size: list[int], device: str) -> dict:
