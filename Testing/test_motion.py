@@ -132,6 +132,21 @@ def test_refinement_adam_takes_torch_adams_steps():
     assert (ours.detach() - start).abs().max() > 0.1  # it moved
 
 
+def test_refinement_does_not_import_torch_dynamo():
+    """Importing torch._dynamo (what any torch.optim optimizer does) costs 1.3-2.5 s per process."""
+    import subprocess
+    import sys
+    code = ("import sys, torch\n"
+            "from ddm4d.refine import refine_velocity\n"
+            "s = torch.zeros(1, 1, 32, 32); s[..., 8:20, 10:22] = 1\n"
+            "t = torch.roll(s, 2, dims=3)\n"
+            "refine_velocity(s, t, [1.5, 1.5])\n"
+            "print('torch._dynamo' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
 def test_refinement_starts_from_the_model_only_where_that_is_better():
     source, target = disc(), disc(center=(32.0, 36.0), radius=12.0)
     good = refine_velocity(source, target, [1.5, 1.5]).velocity
