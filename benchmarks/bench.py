@@ -33,6 +33,16 @@ from ddm4d.errors import InputError
 HERE = Path(__file__).resolve().parent
 # multiply-accumulates per pass at 128 x 128 x 32 (anchors.md); scaled by voxel count for other sizes
 GMAC_DEFORM, GMAC_DIFFUSION, GMAC_NCC = 9.6, 20.3, 1.9
+
+
+def generation_gflop(frames: int, scale: float) -> float:
+    """One diffusion pass and one deformation pass per frame."""
+    return 2 * (GMAC_DIFFUSION + frames * GMAC_DEFORM) * scale
+
+
+def training_gflop(deform_passes: int, scale: float) -> float:
+    """Forward + backward ~ 3x the forward multiply-adds of both networks and the NCC."""
+    return 2 * 3 * (GMAC_DIFFUSION + deform_passes * GMAC_DEFORM + GMAC_NCC) * scale
 PAPER_VOXELS = 128 * 128 * 32
 
 
@@ -135,11 +145,11 @@ def _measure(name: str, size: list[int], device: str, frames: int, repeats: int,
             loss.backward()
             opt.step()
 
-        # forward + backward ~ 3x the forward multiply-adds; the loss on the subtracted field (default)
+        # the loss on the subtracted field (default)
         # runs the deformation network twice, on the code and on a zero code (the recomputation of the
         # zero-code pass in backward is not counted: it saves memory, it is not work the method needs)
         deform_passes = 2 if cfg.subtract_gamma0 and cfg.subtracted_field_loss else 1
-        gflop = 2 * 3 * (GMAC_DIFFUSION + deform_passes * GMAC_DEFORM + GMAC_NCC) * scale
+        gflop = training_gflop(deform_passes, scale)
     elif name == "generate":
         model.eval()
         gammas = torch.linspace(0, 1, frames)
@@ -148,7 +158,7 @@ def _measure(name: str, size: list[int], device: str, frames: int, repeats: int,
             with autocast(dev, precision=precision, cpu_auto=True):  # as ddm4d.generate
                 model.generate(source, target, gammas)
 
-        gflop = 2 * (GMAC_DIFFUSION + frames * GMAC_DEFORM) * scale
+        gflop = generation_gflop(frames, scale)
     elif name == "generate_files":
         return end_to_end(size, device, frames, repeats, precision)
     elif name in ("refine", "refine_slice"):
@@ -218,7 +228,7 @@ def authors_case(name: str, size: list[int], device: str, frames: int, repeats: 
             loss.backward()
             optimizer.step()
 
-        gflop = 2 * 3 * (GMAC_DIFFUSION + GMAC_DEFORM + GMAC_NCC) * scale
+        gflop = training_gflop(1, scale)  # their loss: one deformation pass
     elif name == "authors_generate":
         net.eval()
 
@@ -226,7 +236,7 @@ def authors_case(name: str, size: list[int], device: str, frames: int, repeats: 
             with contextlib.redirect_stdout(sys.stderr):  # their loop prints each gamma
                 net.ddm_inference(torch.cat([source, target], dim=1), frames)
 
-        gflop = 2 * (GMAC_DIFFUSION + frames * GMAC_DEFORM) * scale
+        gflop = generation_gflop(frames, scale)
     else:
         raise ValueError(name)
     return timed(name, step, gflop, device, repeats)  # one warm-up, as ours
