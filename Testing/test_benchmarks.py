@@ -60,3 +60,19 @@ def test_side_by_side_reports_how_many_times_faster_and_both_peak_memories():
     assert any(line.startswith("- train_bf16: 4.00x faster") for line in lines)
     assert not any(line.startswith("- train:") for line in lines)  # a failed case is not compared
     assert bench.side_by_side(results[1:2]) == []  # nothing of theirs, nothing said
+
+
+def test_the_paper_loss_case_times_the_authors_algorithm_one_deformation_pass_per_step(monkeypatch):
+    from ddm4d.model import DDM
+    calls = []
+    deform = DDM._deform
+    monkeypatch.setattr(DDM, "_deform", lambda self, *a, **k: calls.append(1) or deform(self, *a, **k))
+    ours = bench.case("train", [32, 32, 16], "cpu", 2, 1, "fp32")
+    per_step_default = len(calls) / 2  # one warm-up and one timed step
+    calls.clear()
+    paper = bench.case("train_paper_loss", [32, 32, 16], "cpu", 2, 1, "fp32")
+    assert paper["case"] == "train_paper_loss" and len(calls) / 2 == 1
+    assert per_step_default == 3  # code, zero code, and the zero code again in backward (checkpointed)
+    assert paper["gflop"] < ours["gflop"]
+    with pytest.raises(ValueError):
+        bench.case("train_something_else", [32, 32, 16], "cpu", 2, 1)

@@ -80,7 +80,7 @@ def peak_memory_gib(device: str) -> float:
 DEFAULT_CASES = {"cpu": "generate,train,generate_files,refine_slice,refine",
                  "cuda": "generate,generate_compiled,train,train_compiled"}
 #: with --authors: the authors' generation and training step beside ours, in both precisions of ours
-AUTHORS_CASES = "authors_generate,generate,authors_train,train,train_bf16"
+AUTHORS_CASES = "authors_generate,generate,authors_train,train,train_bf16,train_paper_loss_bf16"
 
 
 def case(name: str, size: list[int], device: str, frames: int, repeats: int, precision: str = "auto",
@@ -88,11 +88,15 @@ def case(name: str, size: list[int], device: str, frames: int, repeats: int, pre
     """Runs inside a child process: one measurement, printed as JSON. A case whose name ends in
     "_compiled" runs both networks through torch.compile (mode "reduce-overhead": CUDA graphs on a GPU);
     where compiling fails, the result says why instead of a time. "train_bf16": a training iteration
-    in bf16 whatever --precision says. "authors_*": the authors' code from the --authors checkout."""
+    in bf16 whatever --precision says. "train_paper_loss[_bf16]": with the paper's loss on phi(c), one
+    deformation pass per step as in the authors' code (ours adds the zero-code pass by default).
+    "authors_*": the authors' code from the --authors checkout."""
     if name.startswith("authors_"):
         return authors_case(name, size, device, frames, repeats, authors)
-    if name == "train_bf16":
-        return {**_measure("train", size, device, frames, repeats, "bf16"), "case": name}
+    if name in ("train_bf16", "train_paper_loss", "train_paper_loss_bf16"):
+        result = _measure("train", size, device, frames, repeats, "bf16" if name.endswith("_bf16") else precision,
+                          paper_loss="paper_loss" in name)
+        return {**result, "case": name}
     if name.endswith("_compiled"):
         try:
             return compiled_case(name, size, device, frames, repeats, precision)
@@ -116,7 +120,7 @@ def compiled_case(name: str, size: list[int], device: str, frames: int, repeats:
 
 
 def _measure(name: str, size: list[int], device: str, frames: int, repeats: int, precision: str = "auto",
-             compile_networks: bool = False) -> dict:
+             compile_networks: bool = False, paper_loss: bool = False) -> dict:
     import numpy as np
     import torch
 
@@ -140,7 +144,7 @@ def _measure(name: str, size: list[int], device: str, frames: int, repeats: int,
 
         def step():
             with autocast(dev, precision=precision):  # training: bf16 on the CPU only when asked for
-                loss = model.training_losses(source, target)["loss"]
+                loss = model.training_losses(source, target, subtract_gamma0=False if paper_loss else None)["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -148,7 +152,7 @@ def _measure(name: str, size: list[int], device: str, frames: int, repeats: int,
         # the loss on the subtracted field (default)
         # runs the deformation network twice, on the code and on a zero code (the recomputation of the
         # zero-code pass in backward is not counted: it saves memory, it is not work the method needs)
-        deform_passes = 2 if cfg.subtract_gamma0 and cfg.subtracted_field_loss else 1
+        deform_passes = 2 if cfg.subtract_gamma0 and cfg.subtracted_field_loss and not paper_loss else 1
         gflop = training_gflop(deform_passes, scale)
     elif name == "generate":
         model.eval()
@@ -355,7 +359,8 @@ def side_by_side(results: list[dict]) -> list[str]:
     """How many times faster than the authors' code each of our cases ran, and the peak memory of both."""
     by_case = {r["case"]: r for r in results if "error" not in r}
     lines = []
-    for ours, theirs in (("generate", "authors_generate"), ("train", "authors_train"), ("train_bf16", "authors_train")):
+    for ours, theirs in (("generate", "authors_generate"), ("train", "authors_train"), ("train_bf16", "authors_train"),
+                         ("train_paper_loss", "authors_train"), ("train_paper_loss_bf16", "authors_train")):
         if ours in by_case and theirs in by_case:
             a, b = by_case[ours], by_case[theirs]
             lines.append(f"- {ours}: {b['seconds_min'] / a['seconds_min']:.2f}x faster than the authors' code "
