@@ -76,3 +76,28 @@ def test_the_paper_loss_case_times_the_authors_algorithm_one_deformation_pass_pe
     assert paper["gflop"] < ours["gflop"]
     with pytest.raises(ValueError):
         bench.case("train_something_else", [32, 32, 16], "cpu", 2, 1)
+
+
+def _disc(centre_x: float):
+    import numpy as np
+    import SimpleITK as sitk
+    yy, xx = np.mgrid[:64, :64]
+    img = sitk.GetImageFromArray((100.0 / (1 + np.exp(np.hypot(yy - 32, xx - centre_x) - 12))).astype(np.float32))
+    img.SetSpacing((1.5, 1.5))
+    return img
+
+
+def test_motion_bounds_see_the_real_frames_and_the_methods_do_not():
+    """A disc that moves right and back: the pair (source = target) says nothing of the frame between, so
+    every method leaves it where it is; the forward ceiling registers the source to that frame itself."""
+    import motion
+    import numpy as np
+    source, middle = _disc(28.0), _disc(34.0)
+    case = motion.Case("there and back", source, source, [(0.5, middle, None)])
+    gammas = [0.0, 0.5, 1.0]
+    scores = {m: motion.score(case, motion.run_method(m, case, gammas))["psnr_db"]
+              for m in ("initial", "refine only forward", "forward best gamma", "forward ceiling")}
+    assert np.isclose(scores["refine only forward"], scores["initial"], atol=0.2)
+    assert np.isclose(scores["forward best gamma"], scores["initial"], atol=0.2)
+    assert scores["forward ceiling"] > scores["initial"] + 10
+    assert set(motion.BOUNDS).isdisjoint(motion.METHODS)  # never in a default run: they are not methods

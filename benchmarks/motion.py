@@ -20,6 +20,7 @@ carried to ES against the true EF; folding (% voxels with det J <= 0, worst fram
 
     python benchmarks/motion.py                       # everything (tens of minutes on 2 cores)
     python benchmarks/motion.py --cases real --every 3 --methods blend,symmetric+refine
+    python benchmarks/motion.py --cases real --methods "demons,forward+refine,forward best gamma,forward ceiling"
 Writes benchmarks/results/motion.{json,md} (or --out).
 """
 from __future__ import annotations
@@ -55,6 +56,11 @@ DICE_STRUCTURES = ("lv_blood_pool", "lv_myocardium", "rv")
 METHODS = ("initial", "blend", "demons", "symmetric demons", "forward", "symmetric", "forward+refine",
            "symmetric+refine", "symmetric+refine linear fade", "symmetric+refine model pace", "refine only forward",
            "refine only symmetric")
+# bounds, not methods: they see the real in-between frames (only with --methods). "forward ceiling"
+# registers the source to each in-between frame itself (refinement alone, forward): the best any warp of
+# the source could do. "forward best gamma": the refined forward path S o exp(g v) sampled at 21 evenly
+# spaced g, each real frame scored against the path's best one: what a perfect pace along it could do.
+BOUNDS = ("forward ceiling", "forward best gamma")
 
 
 @dataclass
@@ -117,6 +123,20 @@ def run_method(method: str, case: Case, gammas: list[float]) -> Output:
             from ddm4d.geometry import warp_image
             labels = {g: warp_image(case.source_labels, f, "nearest", 0) for g, f in zip(gammas, fields)}
         return Output(dict(zip(gammas, frames)), dict(zip(gammas, fields)), labels, seconds=time.perf_counter() - t0)
+    if method == "forward ceiling":
+        frames = {g: generate(case.source, ref, model="none", gammas=[1.0], mode="forward", refine=True,
+                              device="cpu", refine_config=REFINE).frames[0] for g, ref, _ in case.refs}
+        return Output({0.0: case.source, 1.0: case.target, **frames}, seconds=time.perf_counter() - t0)
+    if method == "forward best gamma":
+        path = [i / 20 for i in range(21)]
+        result = generate(case.source, case.target, model="none", gammas=path, mode="forward", refine=True,
+                          device="cpu", refine_config=REFINE)
+        src = sitk.GetArrayViewFromImage(case.source)
+        lo, hi = float(src.min()), float(src.max())
+        moved = [_scaled(f, lo, hi) for f in result.frames]
+        frames = {g: result.frames[int(np.argmax([psnr(m, _scaled(ref, lo, hi), data_range=2.0) for m in moved]))]
+                  for g, ref, _ in case.refs}
+        return Output({0.0: case.source, 1.0: case.target, **frames}, seconds=time.perf_counter() - t0)
     refine = "refine" in method
     mode = "symmetric" if "symmetric" in method else "forward"
     model = "none" if method.startswith("refine only") else MODEL
@@ -168,7 +188,7 @@ def score(case: Case, out: Output) -> dict:
 
 def identical_motion(case: Case, method: str) -> float | None:
     """Mean displacement (mm) inside the heart when source and target are the same volume."""
-    if case.source_labels is None or method in ("initial", "blend"):
+    if case.source_labels is None or method in ("initial", "blend", *BOUNDS):
         return None
     same = Case(case.name, case.source, case.source, [(0.5, case.source, None)], case.source_labels,
                 case.source_labels, case.kind)
@@ -213,9 +233,9 @@ def main(argv=None) -> int:
                                                    for k, v in json.loads(args.refine_config).items()})
     torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(METHODS))
+    unknown = sorted(set(methods) - set(METHODS) - set(BOUNDS))
     if unknown:
-        parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+        parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS + BOUNDS)}")
     groups: dict[str, list[Case]] = {}
     for name in args.cases.split(","):
         if name == "real":
