@@ -497,22 +497,3 @@ def test_bf16_training_on_the_cpu_is_a_choice_kept_on_resume_and_learns_like_fp3
     with pytest.raises(SystemExit) as stopped:  # argparse: one line, exit code 2
         cli(["train", str(data2d), "--out", str(tmp_path / "bad"), "--precision", "fp16"])
     assert stopped.value.code == 2 and "--precision" in capsys.readouterr().err
-
-
-def test_cine_training_takes_the_frames_from_ed_to_es_so_every_in_between_frame_is_on_one_path(data2d, tmp_path):
-    """A pair drawn across ES has in-between frames off any path between its ends (contraction, then
-    relaxation): the cine given to training runs from ED to ES (Subject.frame_indices: wrapping round
-    when ES comes before ED, Testing/test_data.py)."""
-    import numpy as np
-
-    from ddm4d.config import DDMConfig
-    from ddm4d.data import scan_dataset
-    from ddm4d.training import preprocess_cycle, preprocess_subject
-
-    config = DDMConfig.for_dims(2, image_size=(32, 32), spacing=(6.0, 6.0))
-    subject = scan_dataset(data2d).subjects[0]
-    assert 0 == subject.ed < subject.es < subject.n_frames - 1  # the phantom's cine goes on past ES
-    frames = preprocess_cycle(subject, config)
-    assert len(frames) == subject.es - subject.ed + 1
-    ends = preprocess_subject(subject, config)
-    np.testing.assert_allclose(frames[[0, -1]].astype(np.float32), ends, atol=2e-3)  # ED first, ES last

@@ -27,8 +27,8 @@ class RunDefaults:
     # (README, Results), 0.999 beat the raw weights of the same run on PSNR, Dice total and EF
     ema: float = 0.999
     ema_warmup: float = 10.0  # EMA decay ramps as (1 + n) / (ema_warmup + n) up to --ema
-    # training pairs: "cine" draws i -> j among the frames ED..ES of each subject's cine (both directions,
-    # the identity included) with a real in-between frame as supervision; "ed-es" is the paper's ED -> ES
+    # training pairs: "cine" draws i -> j from every frame of each subject's cine (both directions, the
+    # identity included) with a real in-between frame as supervision; "ed-es" is the paper's ED -> ES
     pairs: str = "cine"
     identity_fraction: float = 0.1  # of "cine" draws: source = target, which must not move
     flip_probability: float = 0.5  # --augment: per spatial axis, the same flip for source and target

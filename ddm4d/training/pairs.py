@@ -61,23 +61,16 @@ def preprocess_subject(subject: Subject, config: DDMConfig) -> np.ndarray:
 
 
 def preprocess_cycle(subject: Subject, config: DDMConfig) -> np.ndarray:
-    """The subject's frames from ED to ES (one contraction, wrapping past the last frame when ES < ED) on
-    the model grid around its ED frame, each normalised to [-1, 1]: float16 (n, *spatial) (half the
-    memory; the networks see float32). A subject without a cine (a CSV pair, an ACDC folder without its
-    4D file) gives [ED, ES].
-
-    Why not the whole cycle: a pair drawn across ES (late systole -> early diastole, or ED -> the next
-    ED) has in-between frames that lie off any one path between its ends (the heart contracts, then
-    relaxes), so supervising them at their gamma contradicts the pair's own field. Trained on the whole
-    cycle, the 3D model under-moved ED -> ES more the longer it trained (EF from carried labels 43
-    points off after 1,000 iterations; README, "Bundled models")."""
+    """Every frame of the subject's cine on the model grid around its ED frame, each normalised to
+    [-1, 1]: float16 (n_frames, *spatial) (half the memory; the networks see float32). A subject
+    without a cine (a CSV pair, an ACDC folder without its 4D file) gives [ED, ES]."""
     if subject.kind == "pairs" or not subject.has_cine:
         return preprocess_subject(subject, config).astype(np.float16)
     cycle = subject.load_cycle()
     ed = cycle[subject.ed]
     _, _, mapping = to_model_grid(ed, ed, config.image_size, config.spacing,
                                   source_name=f"{subject.id} ED", target_name=f"{subject.id} ED")
-    return np.stack([mapping.image_to_model(cycle[t]) for t in subject.frame_indices]).astype(np.float16)
+    return np.stack([mapping.image_to_model(frame) for frame in cycle]).astype(np.float16)
 
 
 def prepare_pairs(subjects: list[Subject], config: DDMConfig, cache_dir: Path | None, write_cache: bool,
@@ -85,10 +78,10 @@ def prepare_pairs(subjects: list[Subject], config: DDMConfig, cache_dir: Path | 
     """All data in memory once (an epoch never re-reads NIfTI); a subject that fails is skipped, warned.
 
     ED -> ES pairs: one (n, 2, *spatial) tensor. `whole_cine`: one (n_frames, *spatial) tensor per
-    subject, its cine's frames from ED to ES."""
+    subject, every frame of its cine."""
     ids, arrays = [], []
     for subject in subjects:
-        kind = "systole" if whole_cine else "pair"  # "cycle": the whole cycle, before 2026-12-06
+        kind = "cycle" if whole_cine else "pair"
         path = cache_dir / f"{subject.id}-{kind}-{_cache_key(subject, config)}.npy" if cache_dir else None
         array = _load_cached(path)
         if array is None:
