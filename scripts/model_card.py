@@ -157,8 +157,6 @@ def main(argv: list[str] | None = None) -> int:
         f"- Data: `{args.train_data_command}`: synthetic 4D cardiac cine MR with labels on every frame; "
         f"{pairs_text}; {n_train} training and {n_val} validation subjects (split by the run, seed {run.get('seed')}).",
         f"- Command: `{args.train_command}`",
-        *([f"- Started from the weights of `{run['init']}` as they were when this run began (`--init`); the "
-           "iterations below are this run's own."] if run.get("init") else []),
         f"- Iterations: {done.get('iteration', info.get('iteration', 'unknown'))} of {run.get('total_iterations')} "
         f"({run.get('epochs')} epochs of {run.get('iterations_per_epoch')} iterations), batch size {cfg['batch_size']}, "
         f"Adam lr {cfg['lr']:g}, betas {tuple(cfg['adam_betas'])}, lambda {cfg['loss_lambda']:g}, "
