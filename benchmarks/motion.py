@@ -131,11 +131,12 @@ def run_method(method: str, case: Case, gammas: list[float]) -> Output:
         path = [i / 20 for i in range(21)]
         result = generate(case.source, case.target, model="none", gammas=path, mode="forward", refine=True,
                           device="cpu", refine_config=REFINE)
-        src = sitk.GetArrayViewFromImage(case.source)
-        lo, hi = float(src.min()), float(src.max())
+        lo, hi = _range(case.source)
         moved = [_scaled(f, lo, hi) for f in result.frames]
-        frames = {g: result.frames[int(np.argmax([psnr(m, _scaled(ref, lo, hi), data_range=2.0) for m in moved]))]
-                  for g, ref, _ in case.refs}
+        frames = {}
+        for g, ref, _ in case.refs:
+            truth = _scaled(ref, lo, hi)
+            frames[g] = result.frames[int(np.argmax([psnr(m, truth, data_range=2.0) for m in moved]))]
         return Output({0.0: case.source, 1.0: case.target, **frames}, seconds=time.perf_counter() - t0)
     refine = "refine" in method
     mode = "symmetric" if "symmetric" in method else "forward"
@@ -150,6 +151,12 @@ def run_method(method: str, case: Case, gammas: list[float]) -> Output:
                   list(result.folding_fraction), seconds, {"refinement": result.refinement})
 
 
+def _range(image: sitk.Image) -> tuple[float, float]:
+    """The source's intensity range, which every frame of a case is scored in (ddm4d.cine's convention)."""
+    array = sitk.GetArrayViewFromImage(image)
+    return float(array.min()), float(array.max())
+
+
 def _scaled(image: sitk.Image, lo: float, hi: float) -> np.ndarray:
     return (sitk.GetArrayViewFromImage(image).astype(np.float64) - lo) / (hi - lo) * 2 - 1
 
@@ -159,8 +166,7 @@ def _lv_ml(labels: sitk.Image) -> float:
 
 
 def score(case: Case, out: Output) -> dict:
-    src = sitk.GetArrayViewFromImage(case.source)
-    lo, hi = float(src.min()), float(src.max())
+    lo, hi = _range(case.source)
     row: dict = {"case": case.name, "seconds": out.seconds}
     p, e, d = [], [], []
     for g, ref, ref_labels in case.refs:
