@@ -94,7 +94,7 @@ def test_batched_postprocess_matches_simpleitk(case):
     weight = torch.tensor(gammas).view(-1, 1, 1, 1)
     back_fields = resample.fields_on_source(mapping, back)
     blended = frames * (1 - weight) + resample.Warp(back_fields, mapping.target).linear(mapping.target) * weight
-    dets = resample.jacobians(fields, mapping.source)
+    dets = warp.jacobians()
     moved = warp.nearest(labels, default_value=0)
     fov = mapping.fov_mask(erode=1)
     span = float(np.ptp(arr(mapping.source)))
@@ -143,3 +143,43 @@ def test_batches_cover_every_gamma_in_order():
     gammas = [i / 99 for i in range(100)]
     batches = resample.gamma_batches(gammas, source)
     assert [g for b in batches for g in b] == gammas and len(batches) > 1
+
+
+@pytest.mark.parametrize("mode", ["forward", "symmetric"])
+def test_frames_that_do_not_move_are_the_source_and_the_rest_as_resampled(mode):
+    """generate's postprocess skips the resampling of a gamma whose field is zero (forward mode; gamma 0
+    in symmetric mode, where the fade keeps the source): those outputs must be exactly what the full
+    batched path gives, and every other gamma must be the full path's too."""
+    from ddm4d.generation import _on_source, _Paths
+
+    mapping, labels = mapping_of("3d anisotropic, other grid")
+    gammas = [0.0, 0.4, 0.7, 1.0]
+    phi = smooth_fields(4, mapping.model_shape)
+    phi[2] = 0  # a zero field at 0.7 too: skipped in forward mode only
+    back = smooth_fields(4, mapping.model_shape, seed=2)
+    paths = _Paths(mapping, {g: phi[i:i + 1] for i, g in enumerate(gammas)},
+                   {g: back[i:i + 1] for i, g in enumerate(gammas)})
+    frames, fields, jacobians, folding, moved = _on_source(paths, gammas, mode, "confidence", labels)
+
+    expected_fields = resample.fields_on_source(mapping, phi)
+    warp = resample.Warp(expected_fields, mapping.source)
+    expected = warp.linear(mapping.source)
+    if mode == "symmetric":
+        from ddm4d.fade import join
+        ends = [torch.from_numpy(arr(im)).float() for im in (mapping.source, mapping.target)]
+        moved_target = resample.Warp(resample.fields_on_source(mapping, back), mapping.target).linear(mapping.target)
+        expected = join(*ends, expected, moved_target, gammas, spacing=mapping.source.GetSpacing()[::-1])
+    expected_labels = warp.nearest(labels, default_value=0)
+    expected_jacobians = warp.jacobians()
+    for i in range(len(gammas)):
+        np.testing.assert_array_equal(arr(frames[i]), expected[i].numpy())
+        np.testing.assert_array_equal(arr(fields[i]), expected_fields[i].movedim(0, -1).numpy())
+        np.testing.assert_array_equal(arr(jacobians[i]), expected_jacobians[i].numpy())
+        np.testing.assert_array_equal(arr(moved[i]), expected_labels[i].numpy())
+        for image_ in (frames[i], fields[i], jacobians[i], moved[i]):
+            assert image_.GetOrigin() == mapping.source.GetOrigin() and image_.GetSize() == mapping.source.GetSize()
+        assert frames[i].GetPixelID() == sitk.sitkFloat32 and fields[i].GetPixelID() == sitk.sitkVectorFloat64
+        assert jacobians[i].GetPixelID() == sitk.sitkFloat32 and moved[i].GetPixelID() == labels.GetPixelID()
+        assert folding[i] == folding_of(expected_jacobians[i].numpy(), mapping.fov_mask(erode=1))
+    np.testing.assert_array_equal(arr(frames[0]), arr(mapping.source))
+    assert frames[0] is not mapping.source and moved[0] is not labels  # the caller's images stay theirs

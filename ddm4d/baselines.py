@@ -167,8 +167,7 @@ class BaselineModel(nn.Module):
         flow = self.latent_code(source, target) if code is None else code.float()
         phi = fields_over_gammas(lambda g: self.displacement(g * flow), gammas,
                                  chunk_size or self.auto_chunk_size(source), source.dim())
-        frames = warp(source.float(), phi)
-        return Generation(gammas=gammas, frames=frames, fields=phi, code=flow)
+        return Generation(gammas=gammas, fields=phi, code=flow, source=source)
 
     def auto_chunk_size(self, source: torch.Tensor) -> int:
         """How many gammas to integrate at once (same memory budget as DDM's deformation pass)."""

@@ -192,27 +192,7 @@ def generate(source, target=None, model: Any = "default", frames: int = 10, gamm
 
     t = time.perf_counter()
     mapping = paths.mapping
-    fov = mapping.fov_mask(erode=1)
-
-    frames_out, fields_out, jacobians, folding, labels_out = [], [], [], [], []
-    ends = [torch.from_numpy(sitk.GetArrayFromImage(im)).float() for im in (mapping.source, mapping.target)] \
-        if mode == "symmetric" else []  # what the fade blends towards; forward mode never reads them
-    # all gammas at once, in torch (ddm4d.resample: SimpleITK's conventions, several times faster)
-    for batch in resample.gamma_batches(gamma_list, mapping.source):
-        fld = resample.fields_on_source(mapping, torch.cat([paths.forward[g] for g in batch]))
-        warp = resample.Warp(fld, mapping.source)  # also carries the labels
-        frames = warp.linear(mapping.source)  # (N, z, y, x) float32
-        if mode == "symmetric":  # the source moved forward joined with the target moved back (ddm4d.fade)
-            back = resample.fields_on_source(mapping, torch.cat([paths.backward[g] for g in batch]))
-            moved_target = resample.Warp(back, mapping.target).linear(mapping.target)
-            frames = join(*ends, frames, moved_target, batch, spacing=mapping.source.GetSpacing()[::-1], fade=fade)
-        jacobian = resample.jacobians(fld, mapping.source)
-        frames_out += resample.to_images(frames, mapping.source)
-        fields_out += resample.to_images(fld, mapping.source, vector=True)
-        jacobians += resample.to_images(jacobian, mapping.source)
-        folding += [folding_of(j.numpy(), mask=fov) for j in jacobian]
-        if labels_img is not None:
-            labels_out += resample.to_images(warp.nearest(labels_img, default_value=0), labels_img)
+    frames_out, fields_out, jacobians, folding, labels_out = _on_source(paths, gamma_list, mode, fade, labels_img)
     frames_out, fields_out, labels_out, jacobians = in_input_dims(source_img, frames_out, fields_out, labels_out,
                                                                   jacobians)
     timings["postprocess"] = time.perf_counter() - t
@@ -228,6 +208,46 @@ def generate(source, target=None, model: Any = "default", frames: int = 10, gamm
                             mapping=mapping, fit_losses=fit_losses, messages=messages,
                             refinement=_refinement_info(refinement, timing),
                             motion_source=motion_source(model_name, refinement, fit_steps))
+
+
+def _on_source(paths: _Paths, gammas: list[float], mode: str, fade: str, labels_img: sitk.Image | None):
+    """Frames, fields, Jacobians, folding and labels of every gamma on the source grid: all gammas at
+    once, in torch (ddm4d.resample: SimpleITK's conventions, several times faster). A gamma that does
+    not move (the source frame: a zero field forward, and gamma 0 in symmetric mode, where the fade
+    keeps the source exactly) is the source itself, with no resampling."""
+    mapping = paths.mapping
+    fov = mapping.fov_mask(erode=1)
+    still = {g for g in gammas if (mode == "forward" or g == 0) and not bool(paths.forward[g].any())}
+    out: dict[float, tuple] = {}
+    if still:
+        zero = sitk.Image(mapping.source.GetSize(), sitk.sitkVectorFloat64, 3)
+        zero.CopyInformation(mapping.source)
+        one = sitk.Image(mapping.source.GetSize(), sitk.sitkFloat32) + 1.0
+        one.CopyInformation(mapping.source)
+        for g in still:  # copies (SimpleITK's are copy-on-write): no frame is the caller's image itself
+            out[g] = (sitk.Image(mapping.source), sitk.Image(zero), sitk.Image(one), 0.0,
+                      sitk.Image(labels_img) if labels_img is not None else None)
+    moving = [g for g in gammas if g not in still]
+    ends = [torch.from_numpy(sitk.GetArrayFromImage(im)).float() for im in (mapping.source, mapping.target)] \
+        if mode == "symmetric" else []  # what the fade blends towards; forward mode never reads them
+    for batch in resample.gamma_batches(moving, mapping.source):
+        fld = resample.fields_on_source(mapping, torch.cat([paths.forward[g] for g in batch]))
+        warp = resample.Warp(fld, mapping.source)  # also carries the labels
+        frames = warp.linear(mapping.source)  # (N, z, y, x) float32
+        if mode == "symmetric":  # the source moved forward joined with the target moved back (ddm4d.fade)
+            back = resample.fields_on_source(mapping, torch.cat([paths.backward[g] for g in batch]))
+            moved_target = resample.Warp(back, mapping.target).linear(mapping.target)
+            frames = join(*ends, frames, moved_target, batch, spacing=mapping.source.GetSpacing()[::-1], fade=fade)
+        jacobian = warp.jacobians()
+        labels = resample.to_images(warp.nearest(labels_img, default_value=0), labels_img) \
+            if labels_img is not None else [None] * len(batch)
+        for g, *items in zip(batch, resample.to_images(frames, mapping.source),
+                             resample.to_images(fld, mapping.source, vector=True),
+                             resample.to_images(jacobian, mapping.source),
+                             [folding_of(j.numpy(), mask=fov) for j in jacobian], labels):
+            out[g] = tuple(items)
+    frames, fields, jacobians, folding, labels = ([out[g][k] for g in gammas] for k in range(5))
+    return frames, fields, jacobians, folding, labels if labels_img is not None else []
 
 
 @dataclass

@@ -11,22 +11,32 @@ Shapes: source and target (batch, 1, *spatial) in [-1, 1], spatial = ([z,] y, x)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 
 from .config import DDMConfig
+from .warp import warp
 
 
 @dataclass
 class Generation:
-    """What :meth:`Model.generate` returns: gammas (G,), frames (G, 1, *spatial), fields (G, ndim, *spatial)
-    and the code the fields were made from (:meth:`Model.latent_code`)."""
+    """What :meth:`Model.generate` returns: gammas (G,), fields (G, ndim, *spatial), the code the fields
+    were made from (:meth:`Model.latent_code`) and the source they move; frames (G, 1, *spatial) = the
+    source warped by each field, made on first use: ``ddm4d generate`` maps the fields to the source's
+    own geometry and warps there, so it never needs frames on the model grid (0.1 s of 11 frames at
+    128 x 128 x 32 on 2 cores)."""
 
     gammas: torch.Tensor
-    frames: torch.Tensor
     fields: torch.Tensor
     code: torch.Tensor
+    source: torch.Tensor
+
+    @cached_property
+    def frames(self) -> torch.Tensor:
+        with torch.no_grad():
+            return warp(self.source.float(), self.fields)
 
 
 @runtime_checkable

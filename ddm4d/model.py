@@ -201,8 +201,7 @@ class DDM(nn.Module):
             phi = phi - phi[int(torch.nonzero(gammas_run == 0)[0])]
         if gammas_run.numel() != gammas.numel():
             phi = phi[1:]
-        frames = warp(source.float(), phi)
-        return Generation(gammas=gammas, frames=frames, fields=phi, code=code)
+        return Generation(gammas=gammas, fields=phi, code=code, source=source)
 
     def auto_chunk_size(self, source: torch.Tensor) -> int:
         """How many gammas go through the deformation network at once (see deform_chunk_size)."""

@@ -123,16 +123,16 @@ def _times(matrix: np.ndarray, vectors: torch.Tensor) -> torch.Tensor:
 
 class Warp:
     """Where each voxel of `image`'s grid samples through each of `fields` (N, 3, z, y, x; LPS mm pull
-    on that grid), worked out once for every image on that grid (the source, its labels):
-    geometry.warp_image for N fields at once."""
+    on that grid), worked out once for every image on that grid (the source, its labels) and for the
+    fields' Jacobians: geometry.warp_image and geometry.jacobian_determinant for N fields at once."""
 
     def __init__(self, fields: torch.Tensor, image: sitk.Image):
         self.size = image.GetSize()
         inv = np.linalg.inv(_index_to_physical(image)[0])
         # continuous indices and interpolation in float64, as ITK: in float32 a 128-voxel axis is only
         # resolved to ~4e-6 voxel, which on a sharp edge of 400 is a 1.6e-3 error
-        offsets = _times(inv, fields).unbind(1)
-        self.index = [i + offset for i, offset in zip(_indices(image), offsets)]
+        self.offsets = _times(inv, fields).unbind(1)  # the fields in voxels along x, y, z
+        self.index = [i + offset for i, offset in zip(_indices(image), self.offsets)]
         self.inside = _inside(self.index, self.size)
         self.still = (fields == 0).all(dim=1)  # kept exactly, as warp_image does
 
@@ -153,24 +153,23 @@ class Warp:
         i, j, k = [torch.floor(x + 0.5).long().clamp_(0, n - 1) for x, n in zip(self.index, self.size)]
         return self._finish(array.reshape(-1)[(k * self.size[1] + j) * self.size[0] + i], array, default_value)
 
+    def jacobians(self) -> torch.Tensor:
+        """det(I + grad u) of each field, float32 (N, z, y, x): central differences, one-sided at the
+        edges, as geometry.jacobian_determinant.
 
-def jacobians(fields: torch.Tensor, image: sitk.Image) -> torch.Tensor:
-    """det(I + grad u) of each field (N, 3, z, y, x; LPS mm on `image`'s grid), float32 (N, z, y, x):
-    geometry.jacobian_determinant for N fields (central differences, one-sided at the edges).
+        The field in voxels is o = S^-1 D^T u (D: direction, S: spacing), so its gradient along the index
+        axes is S^-1 (grad u) D S, a similar matrix: det(I + grad o) = det(I + grad u), with no spacing
+        and no rotation left to apply."""
+        o = [offset.float() for offset in self.offsets]  # float32: 1e-6 off float64, 2.5x faster
 
-    With G[c][i] = d u_c / d xi_i (xi_i: mm along index axis i) the Jacobian is I + G D^T, and
-    det(I + G D^T) = det(I + D^T G): the gradient of the field rotated onto the index axes, D^T u."""
-    spacing, direction = image.GetSpacing(), _direction(image)
+        def gradient(w: torch.Tensor, i: int) -> torch.Tensor:
+            axis = w.dim() - 1 - i
+            return torch.gradient(w, dim=axis)[0] if w.shape[axis] > 1 else torch.zeros_like(w)
 
-    def gradient(w: torch.Tensor, i: int) -> torch.Tensor:
-        axis = w.dim() - 1 - i
-        return torch.gradient(w, spacing=float(spacing[i]), dim=axis)[0] if w.shape[axis] > 1 else torch.zeros_like(w)
-
-    w = _times(direction.T, fields).float().unbind(1)  # D^T u; float32: 1e-6 off float64, 2.5x faster
-    g = [[gradient(w[k], i) for i in range(3)] for k in range(3)]
-    for k in range(3):
-        g[k][k] += 1.0
-    return _det_entries(g)
+        g = [[gradient(o[k], i) for i in range(3)] for k in range(3)]
+        for k in range(3):
+            g[k][k] += 1.0
+        return _det_entries(g)
 
 
 def to_images(arrays: torch.Tensor, reference: sitk.Image, vector: bool = False) -> list[sitk.Image]:
