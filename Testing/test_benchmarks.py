@@ -56,10 +56,28 @@ def test_side_by_side_reports_how_many_times_faster_and_both_peak_memories():
                {"case": "train", "error": "RuntimeError: out of memory"}]
     lines = bench.side_by_side(results)
     assert lines[1] == "Against the authors' code in the same run:"
-    assert any(line.startswith("- generate: 4.00x faster") and "0.70 against 0.90 GiB" in line for line in lines)
-    assert any(line.startswith("- train_bf16: 4.00x faster") for line in lines)
-    assert not any(line.startswith("- train:") for line in lines)  # a failed case is not compared
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| case")]
+    assert len(rows) == 2  # a failed case is not compared
+    assert rows[0].startswith("| 10 frames") and rows[0].endswith("| 1.000 | 4.000 | 4.00x | 0.70 / 0.90 |")
+    assert rows[1].startswith("| training iteration, bf16 (`--precision bf16`), our loss |")
+    assert rows[1].endswith("| 1.500 | 6.000 | 4.00x | 1.20 / 2.00 |")
     assert bench.side_by_side(results[1:2]) == []  # nothing of theirs, nothing said
+
+
+def test_render_writes_the_table_again_from_the_record_and_a_missing_figure_is_a_blank_cell(tmp_path, monkeypatch):
+    import json
+    report = {"machine": "m", "device": "cpu", "threads": 2, "size": [128, 128, 32], "torch": "2", "frames": 10,
+              "results": [{"case": "refine 128 x 128", "seconds_min": 1.25, "matmul_gflops_after": 150.0,
+                           "peak_memory_gib": 0.35}]}
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "r.json").write_text(json.dumps(report))
+    monkeypatch.setattr(bench, "HERE", tmp_path)
+    bench.render("r")
+    assert "| refine 128 x 128 | 1.250 |  | 150.0 |  | 0.35 |" in (tmp_path / "results" / "r.md").read_text()
+    (tmp_path / "results" / "other.json").write_text("[1, 2]")  # not bench.py's: left alone, nothing written
+    with pytest.raises(SystemExit):
+        bench.render("other")
+    assert not (tmp_path / "results" / "other.md").exists()
 
 
 def test_the_paper_loss_case_times_the_authors_algorithm_one_deformation_pass_per_step(monkeypatch):

@@ -330,6 +330,11 @@ def matmul_gflops_child(args) -> float:
     return float(out.stdout.strip())
 
 
+def _number(value, digits: int) -> str:
+    """A table cell: blank where a case has no such figure (file writing has no GFLOP count)."""
+    return "" if value is None or value != value else f"{value:.{digits}f}"
+
+
 def markdown(report: dict) -> str:
     lines = [f"# ddm4d benchmark: {report['machine']}", "",
              f"size {' x '.join(map(str, report['size']))}, device {report['device']}, threads {report['threads']}, "
@@ -341,8 +346,8 @@ def markdown(report: dict) -> str:
         if "error" in r:
             lines.append(f"| {r['case']} | failed: {r['error']} | | | | |")
             continue
-        lines.append(f"| {r['case']} | {r['seconds_min']:.3f} | {r.get('gflops', float('nan')):.1f} | "
-                     f"{r['matmul_gflops_after']:.1f} | {r.get('fraction_of_matmul', float('nan')):.2f} | "
+        lines.append(f"| {r['case']} | {r['seconds_min']:.3f} | {_number(r.get('gflops'), 1)} | "
+                     f"{r['matmul_gflops_after']:.1f} | {_number(r.get('fraction_of_matmul'), 2)} | "
                      f"{r['peak_memory_gib']:.2f} |")
     for r in report["results"]:
         if "compile_and_warm_up_s" in r:
@@ -355,18 +360,28 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# our case, the authors' case it is compared with, and what the row says
+SIDE_BY_SIDE = (
+    ("generate", "authors_generate", "10 frames (ours: `--precision auto`, bf16 on CPUs with native bf16)"),
+    ("train", "authors_train", "training iteration, fp32, our loss (the default)"),
+    ("train_bf16", "authors_train", "training iteration, bf16 (`--precision bf16`), our loss"),
+    ("train_paper_loss", "authors_train", "training iteration, fp32, their loss (`--paper-loss`)"),
+    ("train_paper_loss_bf16", "authors_train", "training iteration, bf16, their loss (`--precision bf16 --paper-loss`)"),
+)
+
+
 def side_by_side(results: list[dict]) -> list[str]:
     """How many times faster than the authors' code each of our cases ran, and the peak memory of both."""
     by_case = {r["case"]: r for r in results if "error" not in r}
     lines = []
-    for ours, theirs in (("generate", "authors_generate"), ("train", "authors_train"), ("train_bf16", "authors_train"),
-                         ("train_paper_loss", "authors_train"), ("train_paper_loss_bf16", "authors_train")):
+    for ours, theirs, label in SIDE_BY_SIDE:
         if ours in by_case and theirs in by_case:
             a, b = by_case[ours], by_case[theirs]
-            lines.append(f"- {ours}: {b['seconds_min'] / a['seconds_min']:.2f}x faster than the authors' code "
-                         f"({a['seconds_min']:.3f} s against {b['seconds_min']:.3f} s), peak memory "
-                         f"{a['peak_memory_gib']:.2f} against {b['peak_memory_gib']:.2f} GiB")
-    return ["", "Against the authors' code in the same run:", *lines] if lines else []
+            lines.append(f"| {label} | {a['seconds_min']:.3f} | {b['seconds_min']:.3f} | "
+                         f"{b['seconds_min'] / a['seconds_min']:.2f}x | {a['peak_memory_gib']:.2f} / "
+                         f"{b['peak_memory_gib']:.2f} |")
+    header = ["| case | ours (s) | theirs (s) | faster | peak memory, ours / theirs (GiB) |", "|---|---|---|---|---|"]
+    return ["", "Against the authors' code in the same run:", "", *header, *lines] if lines else []
 
 
 def main() -> None:
@@ -386,8 +401,12 @@ def main() -> None:
     p.add_argument("--authors", metavar="CHECKOUT",
                    help="a checkout of the authors' code (github.com/torchDDM/DDM): time it beside ours "
                         f"(default cases then: {AUTHORS_CASES})")
+    p.add_argument("--render", action="store_true",
+                   help="measure nothing: write results/NAME.md again from results/NAME.json (after a change of format)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.render:
+        return render(args.name or f"{args.device.split(':')[0]}_{'x'.join(map(str, args.size))}")
     if args.child and args.allocator == "tuned":
         from ddm4d.allocator import tune_cpu_allocator
 
@@ -420,6 +439,18 @@ def main() -> None:
               "frames": args.frames, "allocator": args.allocator, "precision": args.precision, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
               "results": results}
     files.write_results(out / name, report, markdown(report))
+    print(markdown(report))
+
+
+def render(name: str) -> None:
+    record = HERE / "results" / f"{name}.json"
+    try:
+        files.check_results(record.with_suffix(""), lambda r: isinstance(r, dict) and {"machine", "results"} <= r.keys(),
+                            option="--name")
+        report = json.loads(record.read_text())
+    except (InputError, OSError, ValueError) as err:
+        raise SystemExit(f"bench.py: error: --render {name}: {err}") from None
+    files.write_text(record.with_suffix(".md"), markdown(report))
     print(markdown(report))
 
 

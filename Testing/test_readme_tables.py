@@ -1,0 +1,51 @@
+"""The README's measured tables are the benchmarks' own output (benchmarks/readme.py), never typed."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import readme  # noqa: E402
+
+SPEED_RESULTS = {"benchmarks/results/cpu_128x128x32.md", "benchmarks/results/refine.md",
+                 "benchmarks/results/authors_side_by_side.md", "benchmarks/results/end_to_end.md",
+                 "benchmarks/results/train_bf16.md"}
+
+
+def test_every_table_from_a_results_file_matches_that_file():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    named = {path for path, _ in readme.blocks(text)}
+    assert SPEED_RESULTS <= named  # the speed tables are all copied, none typed
+    rendered, changed = readme.render(text)
+    assert changed == [], f"run python benchmarks/readme.py: {changed}"
+    assert rendered == text
+
+
+def test_a_typed_change_is_found_and_rewritten_from_the_results_file(tmp_path):
+    results = tmp_path / "results.md"
+    results.write_text("# r\n\n| a | b |\n|---|---|\n| x | 1.00 |\n\nprose\n\n| c |\n|---|\n| y |\n")
+    page = tmp_path / "README.md"
+    page.write_text("before\n<!-- table: results.md 2 -->\n| c |\n|---|\n| typed |\n<!-- end table -->\nafter\n")
+    text, changed = readme.render(page.read_text(), root=tmp_path)
+    assert changed == ["results.md table 2"]
+    assert text == "before\n<!-- table: results.md 2 -->\n| c |\n|---|\n| y |\n<!-- end table -->\nafter\n"
+    assert readme.render(text, root=tmp_path) == (text, [])
+    with pytest.raises(readme.TableError, match="has 2"):
+        readme.render(page.read_text().replace("results.md 2", "results.md 3"), root=tmp_path)
+    with pytest.raises(readme.TableError, match="does not exist"):
+        readme.render(page.read_text().replace("results.md", "gone.md"), root=tmp_path)
+
+
+def test_the_command_checks_without_writing_and_rewrites_only_when_asked(tmp_path):
+    page = tmp_path / "README.md"
+    shipped = (ROOT / "README.md").read_text(encoding="utf-8")
+    page.write_text(shipped.replace("| 10 frames", "| 10 typed frames", 1))
+    run = [sys.executable, str(ROOT / "benchmarks" / "readme.py"), "--readme", str(page)]
+    done = subprocess.run(run + ["--check"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "authors_side_by_side.md table 2 differs" in done.stdout
+    assert "10 typed frames" in page.read_text()  # --check writes nothing
+    done = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "1 rewritten" in done.stdout
+    assert page.read_text() == shipped
