@@ -157,9 +157,9 @@ class Warp:
         """det(I + grad u) of each field, float32 (N, z, y, x): central differences, one-sided at the
         edges, as geometry.jacobian_determinant.
 
-        The field in voxels is o = S^-1 D^T u (D: direction, S: spacing), so its gradient along the index
-        axes is S^-1 (grad u) D S, a similar matrix: det(I + grad o) = det(I + grad u), with no spacing
-        and no rotation left to apply."""
+        The field in voxels is o = S^-1 D^T u (D: direction, S: spacing; a voxel index i sits at D S i),
+        so its gradient along the index axes is (D S)^-1 (grad u) (D S), a similar matrix:
+        det(I + grad o) = det(I + grad u), with no spacing and no rotation left to apply."""
         o = [offset.float() for offset in self.offsets]  # float32: 1e-6 off float64, 2.5x faster
 
         def gradient(w: torch.Tensor, i: int) -> torch.Tensor:
