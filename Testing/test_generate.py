@@ -18,6 +18,7 @@ from ddm4d.errors import InputError
 from ddm4d.generation import generate
 from ddm4d.metrics import dice
 from ddm4d.model import DDM
+from ddm4d.outputs import write_sequence_nrrd
 
 REAL_CINE = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-cine-2d" / "heart_cine_16frames.dcm"
 
@@ -121,6 +122,32 @@ def test_jacobians_written_are_the_fields_determinants_and_match_the_folding_rep
         expected = sitk.GetArrayFromImage(jacobian_determinant(field))
         np.testing.assert_allclose(sitk.GetArrayFromImage(sitk.ReadImage(jacobian_path)), expected, atol=1e-5)
         assert folding_fraction(field) == pytest.approx(np.count_nonzero(expected <= 0) / expected.size)
+
+
+def test_by_default_nrrd_files_are_compressed_at_the_fast_zlib_level(pair, tmp_path):
+    """The CLI's default --compress is DEFAULT_COMPRESSION (1): the Slicer sequence and the fields are
+    what that level makes, not level 6 (somewhat larger files, written several times faster)."""
+    from ddm4d.io import write_image
+    from ddm4d.outputs import DEFAULT_COMPRESSION
+    source = sitk.ReadImage(str(pair / "source.nii.gz"), sitk.sitkFloat32)
+    noise = sitk.GetImageFromArray(np.random.default_rng(0).normal(0, 20, source.GetSize()[::-1]).astype(np.float32))
+    noise.CopyInformation(source)
+    write_image(source + noise, tmp_path / "noisy.nii.gz")  # noise: levels 1 and 6 compress it differently
+    out = tmp_path / "out"
+    assert cli(["generate", "--source", str(tmp_path / "noisy.nii.gz"), "--target", str(pair / "target.nrrd"),
+                "--model", str(pair / "model.safetensors"), "--frames", "3", "--device", "cpu", "--out", str(out),
+                "--quiet", "--mode", "forward", "--no-refine", "--outputs", "sequences,fields"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert DEFAULT_COMPRESSION == 1 and report["compression"] == 1
+    frames = [sitk.ReadImage(p) for p in report["frames"]]
+    sizes = {level: write_sequence_nrrd(frames, tmp_path / f"level{level}.seq.nrrd", report["gammas"],
+                                        level=level).stat().st_size for level in (1, 6)}
+    assert sizes[1] != sizes[6]
+    assert Path(report["sequence"]).stat().st_size == sizes[1]
+    field = sitk.ReadImage(report["fields"][1])
+    field_sizes = {level: write_image(field, tmp_path / f"field{level}.nrrd", level).stat().st_size for level in (1, 6)}
+    written = Path(report["fields"][1]).stat().st_size  # (read back, the header may differ by a few bytes)
+    assert abs(written - field_sizes[1]) < 0.1 * abs(field_sizes[6] - field_sizes[1])
 
 
 def test_outputs_and_compression_are_choices_and_the_frames_stay_the_same(pair, generated, tmp_path, capsys):

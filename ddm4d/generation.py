@@ -33,7 +33,7 @@ from .interface import Generation, Model
 from .io import read_cine
 from .metrics import ACDC_STRUCTURES, label_volumes_ml
 from .model import DDM
-from .outputs import OUTPUTS, VOLUME_STRUCTURES, parse_outputs, write_outputs, write_sequence_nrrd
+from .outputs import DEFAULT_COMPRESSION, OUTPUTS, VOLUME_STRUCTURES, parse_outputs, write_outputs, write_sequence_nrrd
 from .refine import Refinement, _axis_spacing, path_fields, refine_velocity, refinement_grid
 from .svf import compose, invert, logarithm
 
@@ -82,10 +82,11 @@ class GenerationResult:
         return [label_volumes_ml(img, labels=structures) for img in self.labels or []]
 
     def write(self, out_dir: str | os.PathLike, quicklook: bool = True, outputs: str | Sequence[str] | None = None,
-              compression: int | None = None) -> dict[str, Any]:
+              compression: int | None = DEFAULT_COMPRESSION) -> dict[str, Any]:
         """Write the frames, report.json and the chosen `outputs` (default all of ddm4d.outputs.OUTPUTS)
-        into a temporary folder beside `out_dir`, then move it into place. `compression`: None, ITK's
-        default (.nii.gz); 0, none (.nii, raw NRRD: fastest); 1-9, that zlib level.
+        into a temporary folder beside `out_dir`, then move it into place. `compression`: 0, none (.nii,
+        raw NRRD: fastest); 1-9, .nii.gz, and NRRD at that zlib level (default
+        ddm4d.outputs.DEFAULT_COMPRESSION); None, ITK's.
 
         `out_dir` must be new, empty or hold only an earlier result (ddm4d.files: nothing ddm4d did
         not write is ever deleted); otherwise InputError, before anything is written."""
@@ -562,9 +563,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--outputs", default="all", metavar="LIST",
                         help=f"what to write beside the frames and report.json: all (default), none, or a comma-"
                         f"separated choice of {', '.join(OUTPUTS)} (the Slicer module asks for fields,labels)")
-    parser.add_argument("--compress", type=int, metavar="LEVEL", choices=range(10),
-                        help="0: uncompressed .nii and NRRD (fastest to write and to load); 1-9: that zlib level "
-                        "(default: ITK's, .nii.gz)")
+    parser.add_argument("--compress", type=int, metavar="LEVEL", choices=range(10), default=DEFAULT_COMPRESSION,
+                        help="0: uncompressed .nii and NRRD (fastest to write and to load); 1-9: .nii.gz, and the "
+                        "NRRD files (fields, Slicer sequences) at that zlib level (ITK writes .nii.gz at its own) "
+                        f"(default {DEFAULT_COMPRESSION}: all outputs written twice as fast as at 6, 8%% larger)")
     parser.add_argument("--no-quicklook", action="store_true", help="skip the montage PNG and GIF")
     parser.add_argument("--score", action="store_true",
                         help="with a cine and --source-frame/--target-frame: generate at the times of the real frames "

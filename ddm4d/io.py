@@ -537,7 +537,8 @@ def write_image(image: sitk.Image, path: str | os.PathLike, compression: int | N
 
     The image goes to a temporary file in the destination folder, then os.replace puts it in place;
     parent folders are created. `compression`: None, ITK's default (NRRD and MHA compressed, NIfTI by
-    its name: .nii.gz or .nii); 0, none (NRRD and MHA raw); 1-9, that zlib level. Returns the path.
+    its name: .nii.gz or .nii); 0, none (NRRD and MHA raw); 1-9, compressed at that zlib level (NRRD
+    and MHA; ITK's NIfTI writer has one level whatever it is asked). Returns the path.
     """
     if not isinstance(image, sitk.Image):
         raise TypeError(f"write_image needs a SimpleITK image, got {type(image).__name__}")
