@@ -19,7 +19,6 @@ import math
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .config import CONFIDENCE_SIGMA, FADES
 
@@ -48,7 +47,10 @@ def join(source: torch.Tensor, target: torch.Tensor, moved_source: torch.Tensor,
 
 def smooth(x: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
     """Gaussian smoothing of x (N, *spatial) along each spatial axis (sigma in voxels of that axis),
-    edges repeated; axes of one voxel or a sigma under a third of a voxel are left alone."""
+    edges repeated; axes of one voxel or a sigma under a third of a voxel are left alone.
+
+    A sum of shifted copies, one multiply-add per tap: 10x faster on the CPU than conv1d, whose
+    one-channel convolutions take oneDNN's slow path (11 frames of 128 x 128 x 32: 0.05 against 0.5 s)."""
     for axis, s in enumerate(sigmas, start=1):
         n = x.shape[axis]
         if n == 1 or s < 1.0 / 3.0:
@@ -56,9 +58,11 @@ def smooth(x: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
         radius = min(int(math.ceil(3 * s)), n - 1)
         taps = torch.arange(-radius, radius + 1, dtype=x.dtype)
         kernel = torch.exp(-0.5 * (taps / s) ** 2)
-        kernel = (kernel / kernel.sum()).view(1, 1, -1)
-        moved = x.movedim(axis, -1)
-        rows = moved.reshape(-1, 1, n)
-        out = F.conv1d(F.pad(rows, (radius, radius), mode="replicate"), kernel)
-        x = out.reshape(moved.shape).movedim(-1, axis)
+        kernel = (kernel / kernel.sum()).tolist()
+        reach = [radius if d == axis else -1 for d in range(x.dim())]
+        padded = torch.cat([x.narrow(axis, 0, 1).expand(reach), x, x.narrow(axis, n - 1, 1).expand(reach)], dim=axis)
+        out = padded.narrow(axis, 0, n) * kernel[0]
+        for shift in range(1, 2 * radius + 1):
+            out.add_(padded.narrow(axis, shift, n), alpha=kernel[shift])
+        x = out
     return x
