@@ -56,8 +56,12 @@ def _inside(index: Sequence[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
 def _linear(volume: torch.Tensor, index: Sequence[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
     """grid_sample of `volume` (B, C, z, y, x) at continuous indices (per axis x, y, z, each (B, *out)):
     with align_corners the corner voxels' centres are -1 and 1; border padding is ITK's edge clamp."""
-    grid = torch.stack([i * (2.0 / (n - 1) if n > 1 else 0.0) - 1.0 for i, n in zip(index, size)], dim=-1)
-    return F.grid_sample(volume, grid.to(volume.dtype), mode="bilinear", padding_mode="border", align_corners=True)
+    shape = np.broadcast_shapes(*(tuple(i.shape) for i in index))  # torch.broadcast_shapes imports sympy (0.3 s)
+    grid = torch.empty(*shape, 3, dtype=torch.float64)  # filled in place: no temporaries of its size
+    for k, (i, n) in enumerate(zip(index, size)):
+        torch.mul(i, 2.0 / (n - 1) if n > 1 else 0.0, out=grid[..., k])
+    return F.grid_sample(volume, grid.sub_(1.0).to(volume.dtype), mode="bilinear", padding_mode="border",
+                         align_corners=True)
 
 
 def _along(values: torch.Tensor, dim: int, scale: float, shift: float, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
