@@ -405,8 +405,9 @@ def main() -> None:
                    help="measure nothing: write results/NAME.md again from results/NAME.json (after a change of format)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
+    name = args.name or f"{args.device.split(':')[0]}_{'x'.join(map(str, args.size))}"
     if args.render:
-        return render(args.name or f"{args.device.split(':')[0]}_{'x'.join(map(str, args.size))}")
+        return render(name)
     if args.child and args.allocator == "tuned":
         from ddm4d.allocator import tune_cpu_allocator
 
@@ -425,15 +426,13 @@ def main() -> None:
         print(json.dumps(case(args.child, args.size, args.device, args.frames, args.repeats, args.precision,
                               args.authors)))
         return
-    name = args.name or f"{args.device.split(':')[0]}_{'x'.join(map(str, args.size))}"
     out = HERE / "results"
     try:  # results of this script only: never another benchmark's files of the same --name
-        files.check_results(out / name, lambda r: isinstance(r, dict) and {"machine", "results"} <= r.keys(),
-                            option="--name")
+        files.check_results(out / name, _ours, option="--name")
     except InputError as err:
         raise SystemExit(f"bench.py: error: {err}") from None
     cases = args.cases or (AUTHORS_CASES if args.authors else DEFAULT_CASES["cuda" if args.device.startswith("cuda") else "cpu"])
-    results = [run_child(name, args) for name in cases.split(",")]
+    results = [run_child(case_name, args) for case_name in cases.split(",")]
     machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     report = {"machine": machine, "device": args.device, "threads": args.threads, "size": args.size,
               "frames": args.frames, "allocator": args.allocator, "precision": args.precision, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -442,11 +441,15 @@ def main() -> None:
     print(markdown(report))
 
 
+def _ours(record) -> bool:
+    """A results record this script wrote (never replace another program's file of the same name)."""
+    return isinstance(record, dict) and {"machine", "results"} <= record.keys()
+
+
 def render(name: str) -> None:
     record = HERE / "results" / f"{name}.json"
     try:
-        files.check_results(record.with_suffix(""), lambda r: isinstance(r, dict) and {"machine", "results"} <= r.keys(),
-                            option="--name")
+        files.check_results(record.with_suffix(""), _ours, option="--name")
         report = json.loads(record.read_text())
     except (InputError, OSError, ValueError) as err:
         raise SystemExit(f"bench.py: error: --render {name}: {err}") from None
