@@ -1,5 +1,6 @@
 """Motion that is right: velocity-field paths, per-case refinement, symmetric generation, the classical
 baselines and the scoring against a real cine's own frames."""
+import dataclasses
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from ddm4d.errors import Cancelled, InputError
 from ddm4d.generation import generate
 from ddm4d.losses import local_ncc
 from ddm4d.model import DDM
-from ddm4d.refine import path_fields, refine_velocity
+from ddm4d.refine import _converged, path_fields, refine_velocity
 from ddm4d.svf import compose, integrate, invert, logarithm, resize_field
 from ddm4d.warp import warp
 
@@ -170,6 +171,31 @@ def test_refinement_cancel_stops_within_a_second():
     with pytest.raises(Cancelled):
         refine_velocity(source, target, [1.5, 1.5], cancel=lambda: time.perf_counter() - begun > 0.2)
     assert time.perf_counter() - begun < 1.2
+
+
+def _steps_taken(source, target, config):
+    calls = []
+    result = refine_velocity(source, target, [1.5, 1.5], config=config, cancel=lambda: calls.append(1) and False)
+    return result, len(calls)
+
+
+def test_refinement_ends_a_level_when_its_objective_stops_improving_and_not_before():
+    source, target = disc(), disc(center=(30.0, 35.0), radius=10.0)
+    config = RefineConfig()
+    full, full_steps = _steps_taken(source, target, dataclasses.replace(config, tolerance=0.0))
+    early, early_steps = _steps_taken(source, target, config)
+    assert full_steps == sum(config.steps) and early_steps < 0.8 * full_steps
+    end_full, end_early = (warp(source, integrate(r.velocity)) for r in (full, early))
+    assert local_ncc(end_early, target).item() > local_ncc(end_full, target).item() - 0.005
+    # an identical pair never improves: each level stops at its first check, two patience windows in
+    _, steps = _steps_taken(source, source.clone(), config)
+    assert steps == 2 * config.patience * len(config.levels)
+    # the rule itself: a gain under the tolerance between two windows, checked once per window
+    p = config.patience
+    slow = [-0.5 - 0.5 * config.tolerance / p * i for i in range(2 * p)]  # the windows' means 0.5 tolerance apart
+    steady = [-0.5 - 2.0 * config.tolerance / p * i for i in range(2 * p)]
+    assert _converged(slow, config) and not _converged(steady, config) and not _converged(slow[:-1], config)
+    assert not _converged(slow, dataclasses.replace(config, tolerance=0.0))
 
 
 def test_thick_slices_get_a_thinner_window_and_3d_refinement_works():
@@ -390,6 +416,8 @@ def test_cli_takes_frames_of_a_4d_cine_and_scores_against_its_own_frames(tmp_pat
 def test_refine_config_rejects_inconsistent_levels():
     with pytest.raises(ValueError, match="one entry each"):
         RefineConfig(levels=(4, 2), steps=(10,))
+    with pytest.raises(ValueError, match="tolerance"):
+        RefineConfig(tolerance=-1e-3)
 
 
 def test_network_fitting_keeps_its_best_iterate_not_its_last():
