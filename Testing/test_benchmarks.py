@@ -119,3 +119,22 @@ def test_motion_bounds_see_the_real_frames_and_the_methods_do_not():
     assert np.isclose(scores["forward best gamma"], scores["initial"], atol=0.2)
     assert scores["forward ceiling"] > scores["initial"] + 10
     assert set(motion.BOUNDS).isdisjoint(motion.METHODS)  # never in a default run: they are not methods
+
+
+@pytest.mark.skipif(not (BENCHMARKS.parents[1] / "shared" / "data" / "real-cine-2d").is_dir(),
+                    reason="the real cine sample lives in ../shared/data/real-cine-2d, absent from a bare clone")
+def test_motion_real128_is_the_real_cine_at_half_resolution_over_the_same_field_of_view():
+    import motion
+    import numpy as np
+    import SimpleITK as sitk
+    full, half = motion.real_cases(every=20), motion.real_cases(every=20, shrink=2)
+    assert [c.name for c in half] == [c.name for c in full]
+    for a, b in zip(full, half):
+        assert b.source.GetSize()[:2] == (128, 128) and b.source.GetSpacing()[:2] == (2.0, 2.0)
+        frames = [(a.source, b.source), (a.target, b.target)] + [(x[1], y[1]) for x, y in zip(a.refs, b.refs)]
+        for image_a, image_b in frames:
+            # each pixel is the mean of its 2 x 2 bin, centred where the bin's centre was
+            bins = sitk.GetArrayViewFromImage(image_a).astype(np.float64)[0].reshape(128, 2, 128, 2).mean(axis=(1, 3))
+            assert np.allclose(sitk.GetArrayViewFromImage(image_b)[0], bins, atol=1e-3)
+            assert np.allclose(image_b.TransformContinuousIndexToPhysicalPoint((0, 0, 0)),
+                               image_a.TransformContinuousIndexToPhysicalPoint((0.5, 0.5, 0)))
