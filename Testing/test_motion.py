@@ -21,6 +21,8 @@ from ddm4d.refine import _converged, path_fields, refine_velocity
 from ddm4d.svf import compose, integrate, invert, logarithm, resize_field
 from ddm4d.warp import warp
 
+STEPS = RefineConfig.integration_steps  # the squarings of the refinement's own exp(v)
+
 
 def disc(shape=(64, 64), center=(32.0, 32.0), radius=14.0, ring=6.0):
     """A bright cavity in a darker wall on a dark background, [-1, 1] like the model's inputs."""
@@ -74,11 +76,12 @@ def test_resize_field_keeps_a_constant_displacement_in_millimetres():
 
 def test_path_fields_at_half_are_exp_of_half_the_velocity_and_backward_ends_at_the_identity():
     v = smooth_field((32, 32), 1.0, seed=2)
+    steps = RefineConfig.integration_steps  # path_fields' default: the refinement's own
     fields = path_fields(v, [0.0, 0.5, 1.0])
     assert fields[0].abs().max().item() == 0.0
-    assert torch.allclose(fields[1:2], integrate(0.5 * v), atol=1e-6)
+    assert torch.allclose(fields[1:2], integrate(0.5 * v, steps), atol=1e-6)
     back = path_fields(v, [0.0, 0.5, 1.0], backward=True)
-    assert back[2].abs().max().item() == 0.0 and torch.allclose(back[0:1], integrate(-v), atol=1e-6)
+    assert back[2].abs().max().item() == 0.0 and torch.allclose(back[0:1], integrate(-v, steps), atol=1e-6)
 
 
 # -------------------------------------------------------------------------------------------- refinement
@@ -89,11 +92,11 @@ def test_refinement_recovers_a_contraction_and_a_shift(symmetric):
     target = disc(center=(30.0, 35.0), radius=10.0)
     result = refine_velocity(source, target, [1.5, 1.5], symmetric=symmetric)
     assert result.start == "zero"
-    end = warp(source, integrate(result.velocity))
+    end = warp(source, integrate(result.velocity, STEPS))
     assert local_ncc(end, target).item() > local_ncc(source, target).item() + 0.08
     assert (end - target).pow(2).mean().item() < 0.02 * (source - target).pow(2).mean().item()
     # halfway along the path: the cavity halfway (radius ~12, centre ~(31, 33.5))
-    half = warp(source, integrate(0.5 * result.velocity))[0, 0]
+    half = warp(source, integrate(0.5 * result.velocity, STEPS))[0, 0]
     bright = (half > 0.2).float()
     ys, xs = torch.nonzero(bright, as_tuple=True)
     assert abs(ys.float().mean().item() - 31.0) < 1.0 and abs(xs.float().mean().item() - 33.5) < 1.0
@@ -102,7 +105,7 @@ def test_refinement_recovers_a_contraction_and_a_shift(symmetric):
     # diffeomorphic: no folding anywhere on the path
     from ddm4d.geometry import jacobian_determinant
     for g in (0.25, 0.5, 1.0):
-        assert jacobian_determinant(integrate(g * result.velocity)[0].numpy()).min() > 0
+        assert jacobian_determinant(integrate(g * result.velocity, STEPS)[0].numpy()).min() > 0
 
 
 def test_symmetric_objective_compares_the_source_half_way_forward_with_the_target_half_way_back():
@@ -110,9 +113,10 @@ def test_symmetric_objective_compares_the_source_half_way_forward_with_the_targe
     from ddm4d.refine import _Objective
     source, target = disc(), disc(center=(30.0, 35.0), radius=10.0)
     v = smooth_field((64, 64), 3.0, seed=5)
-    a, b = _Objective(source, target, [1.5, 1.5], RefineConfig(), symmetric=True).images(v)
-    assert torch.allclose(a, warp(source, integrate(v / 2)), atol=1e-5)
-    assert torch.allclose(b, warp(target, integrate(-v / 2)), atol=1e-5)
+    config = RefineConfig()
+    a, b = _Objective(source, target, [1.5, 1.5], config, symmetric=True).images(v)
+    assert torch.allclose(a, warp(source, integrate(v / 2, config.integration_steps)), atol=1e-5)
+    assert torch.allclose(b, warp(target, integrate(-v / 2, config.integration_steps)), atol=1e-5)
     assert (a - b).abs().max().item() > 0.1  # not the same image twice
 
 
@@ -185,7 +189,7 @@ def test_refinement_ends_a_level_when_its_objective_stops_improving_and_not_befo
     full, full_steps = _steps_taken(source, target, dataclasses.replace(config, tolerance=0.0))
     early, early_steps = _steps_taken(source, target, config)
     assert full_steps == sum(config.steps) and early_steps < 0.8 * full_steps
-    end_full, end_early = (warp(source, integrate(r.velocity)) for r in (full, early))
+    end_full, end_early = (warp(source, integrate(r.velocity, STEPS)) for r in (full, early))
     assert local_ncc(end_early, target).item() > local_ncc(end_full, target).item() - 0.005
     # an identical pair never improves: each level stops at its first check, two patience windows in
     _, steps = _steps_taken(source, source.clone(), config)
@@ -203,7 +207,7 @@ def test_thick_slices_get_a_thinner_window_and_3d_refinement_works():
     vol_s = torch.stack([source] * 6)[None, None]
     vol_t = torch.stack([disc((64, 64), center=(31.0, 34.0), radius=11.0)[0, 0]] * 6)[None, None]
     result = refine_velocity(vol_s, vol_t, [8.0, 1.5, 1.5])
-    end = warp(vol_s, integrate(result.velocity))
+    end = warp(vol_s, integrate(result.velocity, STEPS))
     assert (end - vol_t).pow(2).mean().item() < 0.3 * (vol_s - vol_t).pow(2).mean().item()
     # through-plane motion stays small: the slices are all alike
     assert result.velocity[0, 0].abs().mean().item() < 0.1

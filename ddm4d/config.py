@@ -181,7 +181,10 @@ class RefineConfig:
     # -local NCC(window, in-plane voxels) + smoothness * mean |grad v|^2 (v in in-plane voxels)
     window: int = 9
     smoothness: float = 1.0
-    integration_steps: int = 7
+    # squarings of exp(v): v / 2^5 moves under a quarter voxel per step for the few voxels a level's
+    # velocity spans; 7 (VoxelMorph's) measured the same to 0.002 dB with no folding either way, and a
+    # squaring less is one grid_sample less per step (3D phantom pairs: 8.5 -> 6.0 s a case)
+    integration_steps: int = 5
     # through-plane motion is not measurable from slices this many times thicker than the pixels: the
     # velocity along such an axis keeps its start (the model's, or zero); refinement moves in-plane
     thick_slice_ratio: float = 2.0

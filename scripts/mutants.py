@@ -94,6 +94,10 @@ MUTANTS = (
            "vectors = vectors.astype(np.float32) * np.diag(LPS_TO_RAS)",
            "vectors = -vectors.astype(np.float32) * np.diag(LPS_TO_RAS)",
            ("Testing/test_slicer_interpolation.py::test_hardening_the_grid_transform_reproduces_the_frame",)),
+    Mutant("refinement stops a level while it still improves", "ddm4d/refine.py",
+           "return sum(trace[-2 * p:-p]) / p - sum(trace[-p:]) / p < config.tolerance",
+           "return sum(trace[-2 * p:-p]) / p - sum(trace[-p:]) / p > config.tolerance",
+           ("Testing/test_motion.py::test_refinement_ends_a_level_when_its_objective_stops_improving_and_not_before",)),
 )
 
 
