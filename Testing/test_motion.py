@@ -189,6 +189,7 @@ def test_refinement_ends_a_level_when_its_objective_stops_improving_and_not_befo
     full, full_steps = _steps_taken(source, target, dataclasses.replace(config, tolerance=0.0))
     early, early_steps = _steps_taken(source, target, config)
     assert full_steps == sum(config.steps) and early_steps < 0.8 * full_steps
+    assert full.steps == list(config.steps) and sum(early.steps) == early_steps  # as the report says
     end_full, end_early = (warp(source, integrate(r.velocity, STEPS)) for r in (full, early))
     assert local_ncc(end_early, target).item() > local_ncc(end_full, target).item() - 0.005
     # an identical pair never improves: each level stops at its first check, two patience windows in

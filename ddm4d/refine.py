@@ -33,6 +33,7 @@ class Refinement:
     velocity: torch.Tensor
     start: str  # "model", "zero" or "given"
     objective: list[float] = field(default_factory=list)  # per level, at its end
+    steps: list[int] = field(default_factory=list)  # per level: fewer than RefineConfig's where it converged
     seconds: float = 0.0
 
 
@@ -158,6 +159,7 @@ def refine_velocity(source: torch.Tensor, target: torch.Tensor, spacing: Sequenc
     keep = torch.ones(1, ndim, *([1] * ndim), device=source.device)
     keep[:, frozen] = 0.0
     objective: list[float] = []
+    taken: list[int] = []
     levels, level_steps = (config.levels, config.steps) if ndim == 2 else (config.levels_3d, config.steps_3d)
     total = max(1, sum(level_steps))
     done = 0
@@ -187,8 +189,9 @@ def refine_velocity(source: torch.Tensor, target: torch.Tensor, spacing: Sequenc
                 break
         if trace:
             objective.append(trace[-1])
+        taken.append(len(trace))
         v = resize_field(v_l.detach(), shape)
-    return Refinement(velocity=v, start=origin, objective=objective, seconds=time.perf_counter() - t0)
+    return Refinement(velocity=v, start=origin, objective=objective, steps=taken, seconds=time.perf_counter() - t0)
 
 
 def path_fields(velocity: torch.Tensor, gammas: Sequence[float], steps: int = RefineConfig.integration_steps,
