@@ -268,7 +268,8 @@ def refinement(size: list[int], device: str) -> dict:
     result = refine_velocity(source, target, spacing)
     seconds = time.perf_counter() - t
     return {"case": f"refine {' x '.join(map(str, size))}", "seconds_min": seconds,
-            "objective_per_level": result.objective, "peak_memory_gib": peak_memory_gib(device)}
+            "objective_per_level": result.objective, "steps_per_level": result.steps,
+            "peak_memory_gib": peak_memory_gib(device)}
 
 
 def end_to_end(size: list[int], device: str, frames: int, repeats: int, precision: str = "auto") -> dict:

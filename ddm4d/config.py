@@ -175,15 +175,15 @@ class RefineConfig:
     lr: float = 0.1  # Adam step, in voxels of the level
     # a level ends early once converged: the objective's mean over the last `patience` steps improved on
     # that of the `patience` before by less than `tolerance` (-NCC units; 0: every step runs). 3D
-    # phantom pairs: 13.7 -> 8.0 s a case, PSNR, Dice and EF as before (benchmarks/motion.py)
+    # phantom pairs: 13.7 -> 8.5 s a case, PSNR, Dice and EF as before (benchmarks/motion.py)
     tolerance: float = 5e-4
     patience: int = 10
     # -local NCC(window, in-plane voxels) + smoothness * mean |grad v|^2 (v in in-plane voxels)
     window: int = 9
     smoothness: float = 1.0
-    # squarings of exp(v): v / 2^5 moves under a quarter voxel per step for the few voxels a level's
-    # velocity spans; 7 (VoxelMorph's) measured the same to 0.002 dB with no folding either way, and a
-    # squaring less is one grid_sample less per step (3D phantom pairs: 8.5 -> 6.0 s a case)
+    # squarings of exp(v): v / 2^5 moves about a quarter voxel per step at most for the few voxels a
+    # level's velocity spans; 7 (VoxelMorph's) gave the same figures to 0.002 dB, no folding either
+    # way, and each squaring is one grid_sample per step (3D phantom pairs: 8.5 -> 6.9 s a case)
     integration_steps: int = 5
     # through-plane motion is not measurable from slices this many times thicker than the pixels: the
     # velocity along such an axis keeps its start (the model's, or zero); refinement moves in-plane
