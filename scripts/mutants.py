@@ -3,7 +3,7 @@
 
 Each mutant is one deliberate bug (a text replacement in one file). For each, a scratch copy of the
 project gets that bug alone and the tests that should catch it run against the copy; a mutant is caught
-when those tests fail. Not part of `make test` (about 10 minutes on 2 cores):
+when those tests fail. Not part of `make test` (about 3 minutes on 2 cores):
 
     .venv/bin/python scripts/mutants.py            # every mutant, last line "mutants: N/N caught"
     .venv/bin/python scripts/mutants.py -k ema     # those whose name contains "ema"
