@@ -122,14 +122,11 @@ class Adam:
         self.param.grad = None
 
 
-def _converged(trace: Sequence[float], config: RefineConfig) -> bool:
-    """The objective's mean over the last `patience` steps gained less than `tolerance` on the mean of
-    the `patience` steps before (checked every `patience` steps). Why: a fixed count spends its last
-    third on an objective that has flattened (3D phantom pairs: the last 40 of 100 steps gained 0.1%)."""
-    p = config.patience
-    if config.tolerance <= 0 or len(trace) < 2 * p or len(trace) % p:
-        return False
-    return sum(trace[-2 * p:-p]) / p - sum(trace[-p:]) / p < config.tolerance
+def _converged(means: Sequence[float], tolerance: float) -> bool:
+    """The objective's mean over the last window of steps gained less than `tolerance` on the window
+    before. Why: a fixed count spends its last third on an objective that has flattened (3D phantom
+    pairs: the last 40 of 100 steps gained 0.1%)."""
+    return tolerance > 0 and len(means) >= 2 and means[-2] - means[-1] < tolerance
 
 
 def refine_velocity(source: torch.Tensor, target: torch.Tensor, spacing: Sequence[float],
@@ -172,24 +169,29 @@ def refine_velocity(source: torch.Tensor, target: torch.Tensor, spacing: Sequenc
         if frozen:
             v_l.register_hook(lambda grad: grad * keep)
         optimizer = Adam(v_l, lr=config.lr)
-        trace: list[float] = []
-        for step in range(steps):
+        # the objective summed over each window of `patience` steps stays on the device and is read
+        # once a window: a read per step would make a GPU wait for every step
+        window, means, loss, n = None, [], None, 0
+        for n in range(1, steps + 1):
             if cancel is not None and cancel():
                 raise Cancelled("refinement cancelled")
             loss = loss_fn(v_l)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            trace.append(float(loss.detach()))
+            window = loss.detach().double() if window is None else window + loss.detach().double()
             done += 1
             if progress is not None and done % 20 == 0:
-                progress(done / total, f"refining {done}/{total}: objective {trace[-1]:.4f}")
-            if _converged(trace, config):
-                done += steps - step - 1  # the level's remaining steps count as done for the progress
-                break
-        if trace:
-            objective.append(trace[-1])
-        taken.append(len(trace))
+                progress(done / total, f"refining {done}/{total}: objective {float(loss.detach()):.4f}")
+            if n % config.patience == 0:
+                means.append(float(window) / config.patience)
+                window = None
+                if _converged(means, config.tolerance):
+                    done += steps - n  # the level's remaining steps count as done for the progress
+                    break
+        if loss is not None:
+            objective.append(float(loss.detach()))
+        taken.append(n)
         v = resize_field(v_l.detach(), shape)
     return Refinement(velocity=v, start=origin, objective=objective, steps=taken, seconds=time.perf_counter() - t0)
 
