@@ -169,9 +169,9 @@ def refine_velocity(source: torch.Tensor, target: torch.Tensor, spacing: Sequenc
         if frozen:
             v_l.register_hook(lambda grad: grad * keep)
         optimizer = Adam(v_l, lr=config.lr)
-        # the objective summed over each window of `patience` steps stays on the device and is read
-        # once a window: a read per step would make a GPU wait for every step
-        window, means, loss, n = None, [], None, 0
+        # each window's objectives stay on the device and are read once a window: a read per step would
+        # make a GPU wait for every step (averaged in float64 on the CPU: Apple's MPS has no float64)
+        window, means, loss, n = [], [], None, 0
         for n in range(1, steps + 1):
             if cancel is not None and cancel():
                 raise Cancelled("refinement cancelled")
@@ -179,13 +179,13 @@ def refine_velocity(source: torch.Tensor, target: torch.Tensor, spacing: Sequenc
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            window = loss.detach().double() if window is None else window + loss.detach().double()
+            window.append(loss.detach())
             done += 1
             if progress is not None and done % 20 == 0:
                 progress(done / total, f"refining {done}/{total}: objective {float(loss.detach()):.4f}")
             if n % config.patience == 0:
-                means.append(float(window) / config.patience)
-                window = None
+                means.append(float(torch.stack(window).cpu().double().mean()))
+                window = []
                 if _converged(means, config.tolerance):
                     done += steps - n  # the level's remaining steps count as done for the progress
                     break
