@@ -9,6 +9,7 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 import bench  # noqa: E402
+import motion  # noqa: E402
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU: the benchmark would measure it")
@@ -121,10 +122,9 @@ def test_motion_bounds_see_the_real_frames_and_the_methods_do_not():
     assert set(motion.BOUNDS).isdisjoint(motion.METHODS)  # never in a default run: they are not methods
 
 
-@pytest.mark.skipif(not (BENCHMARKS.parents[1] / "shared" / "data" / "real-cine-2d").is_dir(),
+@pytest.mark.skipif(not motion.CINE.is_file(),
                     reason="the real cine sample lives in ../shared/data/real-cine-2d, absent from a bare clone")
 def test_motion_real128_is_the_real_cine_at_half_resolution_over_the_same_field_of_view():
-    import motion
     import numpy as np
     import SimpleITK as sitk
     full, half = motion.real_cases(every=20), motion.real_cases(every=20, shrink=2)

@@ -76,12 +76,11 @@ def test_resize_field_keeps_a_constant_displacement_in_millimetres():
 
 def test_path_fields_at_half_are_exp_of_half_the_velocity_and_backward_ends_at_the_identity():
     v = smooth_field((32, 32), 1.0, seed=2)
-    steps = RefineConfig.integration_steps  # path_fields' default: the refinement's own
-    fields = path_fields(v, [0.0, 0.5, 1.0])
+    fields = path_fields(v, [0.0, 0.5, 1.0])  # with the refinement's own squarings by default
     assert fields[0].abs().max().item() == 0.0
-    assert torch.allclose(fields[1:2], integrate(0.5 * v, steps), atol=1e-6)
+    assert torch.allclose(fields[1:2], integrate(0.5 * v, STEPS), atol=1e-6)
     back = path_fields(v, [0.0, 0.5, 1.0], backward=True)
-    assert back[2].abs().max().item() == 0.0 and torch.allclose(back[0:1], integrate(-v, steps), atol=1e-6)
+    assert back[2].abs().max().item() == 0.0 and torch.allclose(back[0:1], integrate(-v, STEPS), atol=1e-6)
 
 
 # -------------------------------------------------------------------------------------------- refinement
@@ -113,10 +112,9 @@ def test_symmetric_objective_compares_the_source_half_way_forward_with_the_targe
     from ddm4d.refine import _Objective
     source, target = disc(), disc(center=(30.0, 35.0), radius=10.0)
     v = smooth_field((64, 64), 3.0, seed=5)
-    config = RefineConfig()
-    a, b = _Objective(source, target, [1.5, 1.5], config, symmetric=True).images(v)
-    assert torch.allclose(a, warp(source, integrate(v / 2, config.integration_steps)), atol=1e-5)
-    assert torch.allclose(b, warp(target, integrate(-v / 2, config.integration_steps)), atol=1e-5)
+    a, b = _Objective(source, target, [1.5, 1.5], RefineConfig(), symmetric=True).images(v)
+    assert torch.allclose(a, warp(source, integrate(v / 2, STEPS)), atol=1e-5)
+    assert torch.allclose(b, warp(target, integrate(-v / 2, STEPS)), atol=1e-5)
     assert (a - b).abs().max().item() > 0.1  # not the same image twice
 
 
