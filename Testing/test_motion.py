@@ -157,6 +157,8 @@ def test_refinement_starts_from_the_model_only_where_that_is_better():
     assert started.start == "model"
     garbage = smooth_field((64, 64), 6.0, seed=3)
     assert refine_velocity(source, target, [1.5, 1.5], start=garbage).start == "zero"
+    assert refine_velocity(source, target, [1.5, 1.5], start={"bad": garbage, "good": good}).start == "good"
+    assert refine_velocity(source, target, [1.5, 1.5], start={"bad": garbage}).start == "zero"
 
 
 def test_identical_images_do_not_move_and_constant_images_are_refused():
@@ -219,6 +221,23 @@ def zero_field_model(dims=2):
         model.deformation.flow.weight.zero_()
         model.deformation.flow.bias.zero_()
     return model
+
+
+@pytest.mark.parametrize("direction", ["model", "reversed model"])
+def test_refinement_starts_from_the_model_run_either_way_whichever_fits_the_pair(direction):
+    """The model is also run from the target to the source; its field inverted (-log) is the other
+    start. A model that always answers one translation fits one direction only: the start must be the
+    direction it fits, with the sign that moves the source onto the target."""
+    s, t = as_image(disc()), as_image(disc(center=(32.0, 35.0)))  # the target 3 pixels (4.5 mm) along x
+    model = zero_field_model()
+    with torch.no_grad():  # pull fields, 1.5 mm voxels: source -> target is -3 voxels along x, back +3
+        model.deformation.flow.bias[1] = -3.0 if direction == "model" else 3.0
+    result = generate(s, t, model=model, frames=3, device="cpu", subtract_gamma0=False)
+    assert result.refinement["start"] == direction
+    assert "inverted" in result.motion_source if direction == "reversed model" else "inverted" not in result.motion_source
+    middle = sitk.GetArrayViewFromImage(result.frames[1])
+    truth = sitk.GetArrayFromImage(as_image(disc(center=(32.0, 33.5))))
+    assert np.abs(middle - truth).mean() < 0.2 * np.abs(sitk.GetArrayFromImage(s) - truth).mean()
 
 
 def test_symmetric_generation_cross_fades_with_one_minus_gamma_and_gamma():

@@ -41,6 +41,8 @@ __all__ = ["generate", "GenerationResult", "fit_pair", "Cancelled", "MODES", "DE
            "write_sequence_nrrd"]
 
 BUNDLED_MODELS = {3: "ddm_phantom_3d.safetensors", 2: "ddm_phantom_2d.safetensors"}
+#: where refinement can start (ddm4d.refine.Refinement.start), for the messages
+STARTS = {"model": "the model", "reversed model": "the model run from the target to the source, inverted"}
 
 
 def bundled_model_path(spatial_dims: int) -> Path | None:
@@ -115,7 +117,8 @@ def generate(source, target=None, model: Any = "default", frames: int = 10, gamm
     :param gammas: explicit gammas in [0, 1] instead of `frames`.
     :param mode: "symmetric" (the source warped forward and the target backward along one path,
         cross-faded with weights 1 - gamma and gamma) or "forward" (the paper: the source warped).
-    :param refine: per-case refinement of the path (ddm4d.refine), started from the model's field.
+    :param refine: per-case refinement of the path (ddm4d.refine), started from the model's field (the
+        model run from the source to the target and back, whichever fits the pair better).
     :param precision: the networks' passes: "auto" (bf16 on CUDA and on CPUs with native bf16, where it
         was measured within 0.05 dB of fp32; benchmarks/motion.py --precision), "fp32" or "bf16".
     :param fade: how symmetric mode joins its two moved images: "confidence" (voxel by voxel, towards
@@ -175,6 +178,14 @@ def generate(source, target=None, model: Any = "default", frames: int = 10, gamm
         torch_device = run.device
         fields = run.generation.fields
         paths = _Paths(mapping, {g: fields[i:i + 1].float().cpu() for i, g in enumerate(model_gammas)})
+        if refine:
+            # the model asked the other way round too; refinement starts from the direction that fits
+            # better (real cine pairs: which one does differs from pair to pair, benchmarks/motion.py)
+            back = _run_model(net, tgt_arr, src_arr, [1.0], torch_device, chunk_size, subtract_gamma0, messages,
+                              precision)
+            timings["code"] += back.code_s
+            timings["deform"] += back.deform_s
+            paths.reverse_end = back.generation.fields[:1].float().cpu()
     _check_cancel(cancel)
 
     refinement, timing = None, None
@@ -184,7 +195,7 @@ def generate(source, target=None, model: Any = "default", frames: int = 10, gamm
         paths, refinement = _refine_paths(source_img, target_img, paths, gamma_list, mode, refine_config,
                                           torch_device, report, cancel, timing)
         timings["refine"] = time.perf_counter() - t
-        messages.append(f"refinement started from {'the model' if refinement.start == 'model' else 'the identity'}"
+        messages.append(f"refinement started from {STARTS.get(refinement.start, 'the identity')}"
                         f" ({refinement.seconds:.1f} s)")
     elif mode == "symmetric":
         paths.backward = _backward_from_forward(paths.forward, gamma_list)
@@ -259,6 +270,7 @@ class _Paths:
     mapping: ModelMapping
     forward: dict[float, torch.Tensor]
     backward: dict[float, torch.Tensor] = field(default_factory=dict)
+    reverse_end: torch.Tensor | None = None  # the model's target -> source field at gamma 1
 
 
 def _backward_from_forward(forward: dict[float, torch.Tensor], gammas: Sequence[float]) -> dict[float, torch.Tensor]:
@@ -294,11 +306,16 @@ def _refine_paths(source_img, target_img, paths: _Paths | None, gammas, mode, co
     src, tgt, mapping = refinement_grid(source_img, target_img, config, dims)
     s = torch.from_numpy(src)[None, None].to(device)
     t = torch.from_numpy(tgt)[None, None].to(device)
-    start = None
+    def velocity(model_field: torch.Tensor) -> torch.Tensor:
+        end = paths.mapping.field_to_physical(model_field[0].numpy())
+        return logarithm(torch.from_numpy(mapping.field_to_model(end))[None].to(device), steps=config.integration_steps)
+
+    starts = {}
     if paths is not None:
-        end = paths.mapping.field_to_physical(paths.forward[1.0][0].numpy())
-        start = logarithm(torch.from_numpy(mapping.field_to_model(end))[None].to(device), steps=config.integration_steps)
-    refinement = refine_velocity(s, t, _axis_spacing(mapping), start, config, symmetric=(mode == "symmetric"),
+        starts["model"] = velocity(paths.forward[1.0])
+        if paths.reverse_end is not None:  # exp(-v) is the inverse of exp(v)
+            starts["reversed model"] = -velocity(paths.reverse_end)
+    refinement = refine_velocity(s, t, _axis_spacing(mapping), starts, config, symmetric=(mode == "symmetric"),
                                  progress=lambda f, m: report(0.1 + 0.7 * f, m), cancel=cancel)
     taus = timing or gammas
     with torch.no_grad():
@@ -324,7 +341,8 @@ def motion_source(model_name: str, refinement: Refinement | None, fit_steps: int
         model += f", fitted to this pair for {fit_steps} steps"
     if refinement is None:
         return f"Motion from {model}, not refined on this pair."
-    start = "the model's motion" if refinement.start == "model" else "no motion (it fitted this pair better)"
+    start = {"model": "the model's motion", "reversed model": "the model's motion from the target to the source, "
+             "inverted"}.get(refinement.start, "no motion (it fitted this pair better)")
     return f"Motion from {model}, refined on this pair starting from {start}."
 
 
@@ -546,7 +564,8 @@ def add_arguments(parser) -> None:
                         "blend where the motion does not explain the pair; linear cross-fades them with (1 - gamma, "
                         f"gamma) (default {DEFAULT_FADE})")
     parser.add_argument("--refine", action=argparse.BooleanOptionalAction, default=DEFAULT_REFINE,
-                        help="per-case refinement of the path on this pair, started from the model's field "
+                        help="per-case refinement of the path on this pair, started from the model's field (run "
+                        "both ways, the better one) "
                         f"(default {'on' if DEFAULT_REFINE else 'off'}; --no-refine: the model alone)")
     parser.add_argument("--fit-steps", type=int, default=0,
                         help="per-case optimisation of the whole network on this pair before generating (slow)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -31,7 +31,7 @@ class Refinement:
     """The refined velocity (1, ndim, *spatial) on the refinement grid and how it got there."""
 
     velocity: torch.Tensor
-    start: str  # "model", "zero" or "given"
+    start: str  # the name of the start it took (generation: "model" or "reversed model"), or "zero"
     objective: list[float] = field(default_factory=list)  # per level, at its end
     steps: list[int] = field(default_factory=list)  # per level: fewer than RefineConfig's where it converged
     seconds: float = 0.0
@@ -130,13 +130,15 @@ def _converged(means: Sequence[float], tolerance: float) -> bool:
 
 
 def refine_velocity(source: torch.Tensor, target: torch.Tensor, spacing: Sequence[float],
-                    start: torch.Tensor | None = None, config: RefineConfig = RefineConfig(),
+                    start: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
+                    config: RefineConfig = RefineConfig(),
                     symmetric: bool = True, progress: Callable[[float, str], None] | None = None,
                     cancel: Callable[[], bool] | None = None) -> Refinement:
     """Optimise v for the pair (tensors (1, 1, *spatial) in [-1, 1]; `spacing` in mm per tensor axis).
 
-    `start` (a velocity on the same grid) is used when it scores better than zero, else the path
-    starts from the identity: a model that does not fit this scan cannot make refinement worse.
+    `start` (a velocity on the same grid, or several by name) is used when it scores better than zero,
+    else the path starts from the identity: a model that does not fit this scan cannot make refinement
+    worse. Of several, the one that scores best is taken.
     """
     t0 = time.perf_counter()
     if float(source.std()) == 0 or float(target.std()) == 0:
@@ -146,11 +148,15 @@ def refine_velocity(source: torch.Tensor, target: torch.Tensor, spacing: Sequenc
     ndim = len(shape)
     zero = source.new_zeros(1, ndim, *shape)
     v, origin = zero, "zero"
-    if start is not None:
+    starts = {"model": start} if isinstance(start, torch.Tensor) else dict(start or {})
+    if starts:
         full = _Objective(source, target, spacing, config, symmetric)
         with torch.no_grad():
-            if float(full(start)) < float(full(zero)):
-                v, origin = start.detach().float(), "model"
+            best = float(full(zero))
+            for name, candidate in starts.items():
+                value = float(full(candidate))
+                if value < best:
+                    best, v, origin = value, candidate.detach().float(), name
     finest = min(spacing)
     frozen = [i for i, sp in enumerate(spacing) if sp > config.thick_slice_ratio * finest]
     keep = torch.ones(1, ndim, *([1] * ndim), device=source.device)
