@@ -98,6 +98,10 @@ MUTANTS = (
            "return tolerance > 0 and len(means) >= 2 and means[-2] - means[-1] < tolerance",
            "return tolerance > 0 and len(means) >= 2 and means[-2] - means[-1] > tolerance",
            ("Testing/test_motion.py::test_refinement_ends_a_level_when_its_objective_stops_improving_and_not_before",)),
+    Mutant("the model's reversed field used without inverting it", "ddm4d/generation.py",
+           'starts["reversed model"] = -velocity(paths.reverse_end)',
+           'starts["reversed model"] = velocity(paths.reverse_end)',
+           ("Testing/test_motion.py::test_refinement_starts_from_the_model_run_either_way_whichever_fits_the_pair",)),
 )
 
 
