@@ -41,8 +41,8 @@ __all__ = ["generate", "GenerationResult", "fit_pair", "Cancelled", "MODES", "DE
            "write_sequence_nrrd"]
 
 BUNDLED_MODELS = {3: "ddm_phantom_3d.safetensors", 2: "ddm_phantom_2d.safetensors"}
-#: where refinement can start (ddm4d.refine.Refinement.start), for the messages
-STARTS = {"model": "the model", "reversed model": "the model run from the target to the source, inverted"}
+#: where refinement started (ddm4d.refine.Refinement.start), in the user's words; otherwise no motion
+STARTS = {"model": "the model's motion", "reversed model": "the model's motion from the target to the source, inverted"}
 
 
 def bundled_model_path(spatial_dims: int) -> Path | None:
@@ -195,7 +195,7 @@ def generate(source, target=None, model: Any = "default", frames: int = 10, gamm
         paths, refinement = _refine_paths(source_img, target_img, paths, gamma_list, mode, refine_config,
                                           torch_device, report, cancel, timing)
         timings["refine"] = time.perf_counter() - t
-        messages.append(f"refinement started from {STARTS.get(refinement.start, 'the identity')}"
+        messages.append(f"refinement started from {STARTS.get(refinement.start, 'no motion')}"
                         f" ({refinement.seconds:.1f} s)")
     elif mode == "symmetric":
         paths.backward = _backward_from_forward(paths.forward, gamma_list)
@@ -306,6 +306,7 @@ def _refine_paths(source_img, target_img, paths: _Paths | None, gammas, mode, co
     src, tgt, mapping = refinement_grid(source_img, target_img, config, dims)
     s = torch.from_numpy(src)[None, None].to(device)
     t = torch.from_numpy(tgt)[None, None].to(device)
+
     def velocity(model_field: torch.Tensor) -> torch.Tensor:
         end = paths.mapping.field_to_physical(model_field[0].numpy())
         return logarithm(torch.from_numpy(mapping.field_to_model(end))[None].to(device), steps=config.integration_steps)
@@ -341,8 +342,7 @@ def motion_source(model_name: str, refinement: Refinement | None, fit_steps: int
         model += f", fitted to this pair for {fit_steps} steps"
     if refinement is None:
         return f"Motion from {model}, not refined on this pair."
-    start = {"model": "the model's motion", "reversed model": "the model's motion from the target to the source, "
-             "inverted"}.get(refinement.start, "no motion (it fitted this pair better)")
+    start = STARTS.get(refinement.start, "no motion (it fitted this pair better)")
     return f"Motion from {model}, refined on this pair starting from {start}."
 
 
