@@ -361,6 +361,13 @@ def test_loss_sees_the_generated_field_and_the_papers_loss_is_selectable():
         assert plain["ncc"].item() == pytest.approx(local_ncc(shifted, target).item(), abs=0.01)
         assert abs(plain["ncc"].item() - local_ncc(generated, target).item()) > 0.02
         assert torch.equal(plain["loss"], ours.training_losses(source, target, t=t, noise=noise, subtract_gamma0=False)["loss"])
+        # a real in-between frame is compared with the field at gamma c minus the zero-code field too, as
+        # generation makes the frame at gamma (all codes share one batched deformation pass)
+        middle = blob((32, 32), (15.5, 17.0), (7.5, 7.5))
+        at_half = ours.generate(source, target, [0.5]).frames
+        both = ours.training_losses(source, target, t=t, noise=noise, middle=middle, gamma=torch.tensor([0.5]))
+        assert both["ncc_middle"].item() == pytest.approx(local_ncc(at_half, middle).item(), abs=1e-4)
+        assert both["ncc"].item() == pytest.approx(local_ncc(generated, target).item(), abs=1e-4)
 
 
 # --------------------------------------------------------------------------------------- model files

@@ -149,9 +149,8 @@ def _measure(name: str, size: list[int], device: str, frames: int, repeats: int,
             loss.backward()
             opt.step()
 
-        # the loss on the subtracted field (default)
-        # runs the deformation network twice, on the code and on a zero code (the recomputation of the
-        # zero-code pass in backward is not counted: it saves memory, it is not work the method needs)
+        # the loss on the subtracted field (default) runs the deformation network on the code and on a
+        # zero code (one batch of two)
         deform_passes = 2 if cfg.subtract_gamma0 and cfg.subtracted_field_loss and not paper_loss else 1
         gflop = training_gflop(deform_passes, scale)
     elif name == "generate":
