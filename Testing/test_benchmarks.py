@@ -83,15 +83,16 @@ def test_render_writes_the_table_again_from_the_record_and_a_missing_figure_is_a
 
 def test_the_paper_loss_case_times_the_authors_algorithm_one_deformation_pass_per_step(monkeypatch):
     from ddm4d.model import DDM
-    calls = []
+    calls = []  # the codes of each deformation pass
     deform = DDM._deform
-    monkeypatch.setattr(DDM, "_deform", lambda self, *a, **k: calls.append(1) or deform(self, *a, **k))
+    monkeypatch.setattr(DDM, "_deform",
+                        lambda self, source, code: calls.append(code.shape[0]) or deform(self, source, code))
     ours = bench.case("train", [32, 32, 16], "cpu", 2, 1, "fp32")
-    per_step_default = len(calls) / 2  # one warm-up and one timed step
+    default_calls = list(calls)  # one warm-up and one timed step
     calls.clear()
     paper = bench.case("train_paper_loss", [32, 32, 16], "cpu", 2, 1, "fp32")
-    assert paper["case"] == "train_paper_loss" and len(calls) / 2 == 1
-    assert per_step_default == 3  # code, zero code, and the zero code again in backward (checkpointed)
+    assert paper["case"] == "train_paper_loss" and calls == [1, 1]
+    assert default_calls == [2, 2]  # the code and the zero code, one pass of two per step
     assert paper["gflop"] < ours["gflop"]
     with pytest.raises(ValueError):
         bench.case("train_something_else", [32, 32, 16], "cpu", 2, 1)
