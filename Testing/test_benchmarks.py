@@ -139,3 +139,50 @@ def test_motion_real128_is_the_real_cine_at_half_resolution_over_the_same_field_
             assert np.allclose(sitk.GetArrayViewFromImage(image_b)[0], bins, atol=1e-3)
             assert np.allclose(image_b.TransformContinuousIndexToPhysicalPoint((0, 0, 0)),
                                image_a.TransformContinuousIndexToPhysicalPoint((0.5, 0.5, 0)))
+
+
+@pytest.mark.skipif(not motion.CINE.is_file(),
+                    reason="the real cine sample lives in ../shared/data/real-cine-2d, absent from a bare clone")
+def test_motion_real_stack_is_the_cine_cut_into_shifted_thick_slices():
+    """Slice i of the stack made from frame k is frame k's crop shifted by i steps, in 2 x 2 bins, 8 mm
+    from the next; the pairs are the real group's, so the two groups compare pair by pair."""
+    import numpy as np
+    import SimpleITK as sitk
+    stacks, slices = motion.real_stack_cases(every=20), motion.real_cases(every=20)
+    assert [c.name.split()[1] for c in stacks] == [c.name.split()[1] for c in slices]
+    c, (dy, dx) = motion.STACK_CROP, motion.STACK_SHIFT
+    for stack, real in zip(stacks, slices):
+        assert stack.source.GetSize() == (c // 2, c // 2, motion.STACK_SLICES)
+        assert stack.source.GetSpacing() == motion.STACK_SPACING
+        assert [g for g, _, _ in stack.refs] == [g for g, _, _ in real.refs]
+        for volume, frame in [(stack.source, real.source), (stack.target, real.target), (stack.refs[-1][1], real.refs[-1][1])]:
+            frame = sitk.GetArrayViewFromImage(frame).astype(np.float64).reshape(256, 256)
+            for i in (0, 5, motion.STACK_SLICES - 1):
+                crop = frame[dy * i:dy * i + c, dx * i:dx * i + c].reshape(c // 2, 2, c // 2, 2).mean(axis=(1, 3))
+                assert np.allclose(sitk.GetArrayViewFromImage(volume)[i], crop, atol=1e-3)
+
+
+def test_noisy_phantom_cases_carry_rician_noise_of_the_stated_size_on_every_frame():
+    """Rician noise of sigma = NOISE_FRACTION x the source's range: a bright region keeps about its mean and
+    gains a standard deviation of sigma, a dark one reads sigma sqrt(pi / 2) (Rayleigh); each frame its own."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    def image(value_right):
+        a = np.zeros((1, 200, 200), np.float32)
+        a[..., 100:] = value_right
+        return sitk.GetImageFromArray(a)
+    labels = sitk.GetImageFromArray(np.ones((1, 200, 200), np.uint8))
+    case = motion.Case("c", image(100.0), image(100.0), [(0.5, image(100.0), labels)], labels, labels, "phantom2d")
+    noisy = motion.with_rician_noise(case, seed=3)
+    sigma = motion.NOISE_FRACTION * 100.0
+    arrays = [sitk.GetArrayFromImage(im)[0] for im in (noisy.source, noisy.target, noisy.refs[0][1])]
+    for a in arrays:
+        # Rician mean at high SNR: A + sigma^2 / (2 A)
+        assert abs(a[:, 100:].mean() - (100.0 + sigma ** 2 / 200)) < 0.1 and abs(a[:, 100:].std() - sigma) < 0.1
+        assert abs(a[:, :100].mean() - sigma * np.sqrt(np.pi / 2)) < 0.1
+    assert not np.allclose(arrays[0], arrays[1]) and not np.allclose(arrays[0], arrays[2])
+    assert noisy.refs[0][2] is labels and noisy.source_labels is labels and noisy.kind == "phantom2d-noisy"
+    again = motion.with_rician_noise(case, seed=3)
+    assert np.array_equal(sitk.GetArrayViewFromImage(again.target)[0], arrays[1])  # reproducible
+    assert np.array_equal(sitk.GetArrayViewFromImage(case.source)[0, :, 100:], np.full((200, 100), 100.0))  # untouched

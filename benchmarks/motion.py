@@ -6,9 +6,15 @@ Cases
   directions; each real frame in between is scored at its own time gamma = (k - i) / (j - i).
 - real128: the same pairs with every frame averaged down to 128 x 128 (2 x 2 pixel bins, 2 mm): the
   size of the real short-axis slices the project is checked on (opt-in: not in the default --cases).
+- real-stack: a thick-slice volume of real texture and real motion, cut from the same cine: 12 slices,
+  each a 200 x 200 crop shifted by 4 rows and 2 columns from the one before, averaged down to 2 mm
+  pixels, 8 mm apart (short-axis stacks are a dozen slices of 6-10 mm). Run by the 3D path (the bundled
+  3D model; refinement moves in-plane only on such slices). Same pairs as real (opt-in).
 - phantom2d / phantom3d: phantom subjects of a seed no bundled model was trained or checked on,
   ED -> ES; every in-between frame has its true image and labels. Also the identical pair (ED -> ED):
   how far a method moves a heart that does not change.
+- phantom2d-noisy: the phantom2d subjects with Rician noise of NOISE_FRACTION of the source's intensity
+  range added to every frame independently (real-time cines have a lower SNR than the phantom; opt-in).
 
 Methods: initial (the source), linear blend, demons (scaled by gamma), symmetric demons (both ways,
 cross-faded), and ddm4d.generation in forward or symmetric mode with the bundled model, refinement on
@@ -54,6 +60,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CINE = ROOT.parent / "shared" / "data" / "real-cine-2d" / "heart_cine_16frames.dcm"
 GAPS = (4, 6, 8)
 UNSEEN_SEED = 7  # the bundled models were trained on seed 0 and checked on seed 1
+STACK_SLICES, STACK_CROP, STACK_SHIFT, STACK_SPACING = 12, 200, (4, 2), (2.0, 2.0, 8.0)  # real-stack
+NOISE_FRACTION = 0.04  # phantom2d-noisy: sigma of each Rician channel, of the source's intensity range
 DICE_STRUCTURES = ("lv_blood_pool", "lv_myocardium", "rv")
 METHODS = ("initial", "blend", "demons", "symmetric demons", "forward", "symmetric", "forward+refine",
            "symmetric+refine", "symmetric+refine linear fade", "symmetric+refine model pace", "refine only forward",
@@ -87,14 +95,58 @@ class Output:
 
 
 def real_cases(gaps=GAPS, every: int = 1, shrink: int = 1) -> list[Case]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the sample has no PixelSpacing: 1 mm, said once per read
-        cine = read_cine(CINE)
+    cine = _read_frames()
     if shrink > 1:  # mean of shrink x shrink pixel bins, SimpleITK keeps the field of view
         cine = [sitk.BinShrink(frame, [shrink, shrink] + [1] * (frame.GetDimension() - 2)) for frame in cine]
-    pairs = [(i, j) for d in gaps for i in range(len(cine)) for j in (i - d, i + d) if 0 <= j < len(cine)]
     return [Case(f"real {i}->{j}", cine[i], cine[j], [(g, cine[k], None) for k, g in inbetween(i, j)])
-            for i, j in pairs[::every]]
+            for i, j in _pairs(len(cine), gaps)[::every]]
+
+
+def _read_frames() -> list[sitk.Image]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the sample has no PixelSpacing: 1 mm, said once per read
+        return read_cine(CINE)
+
+
+def real_stack_cases(gaps=GAPS, every: int = 1) -> list[Case]:
+    frames = [sitk.GetArrayFromImage(f).reshape(f.GetSize()[1], f.GetSize()[0]).astype(np.float32)
+              for f in _read_frames()]
+    c, (dy, dx) = STACK_CROP, STACK_SHIFT
+    if (STACK_SLICES - 1) * max(dy, dx) + c > min(frames[0].shape):
+        raise ValueError(f"the cine's {frames[0].shape} frames are too small for {STACK_SLICES} shifted crops")
+
+    def stack(k: int) -> sitk.Image:
+        slices = np.stack([frames[k][dy * i:dy * i + c, dx * i:dx * i + c] for i in range(STACK_SLICES)])
+        volume = sitk.GetImageFromArray(slices.reshape(STACK_SLICES, c // 2, 2, c // 2, 2).mean(axis=(2, 4)))
+        volume.SetSpacing(STACK_SPACING)
+        return volume
+
+    volumes = [stack(k) for k in range(len(frames))]
+    return [Case(f"stack {i}->{j}", volumes[i], volumes[j], [(g, volumes[k], None) for k, g in inbetween(i, j)],
+                 kind="real-stack") for i, j in _pairs(len(volumes), gaps)[::every]]
+
+
+def _pairs(n: int, gaps) -> list[tuple[int, int]]:
+    return [(i, j) for d in gaps for i in range(n) for j in (i - d, i + d) if 0 <= j < n]
+
+
+def with_rician_noise(case: Case, fraction: float = NOISE_FRACTION, seed: int = 0) -> Case:
+    """The case with |x + n1 + i n2| on every frame, n1, n2 ~ N(0, fraction x the source's range),
+    independent per frame (as acquired); labels unchanged."""
+    rng = np.random.default_rng(seed)
+    lo, hi = _range(case.source)
+    sigma = fraction * (hi - lo)
+
+    def noisy(image: sitk.Image) -> sitk.Image:
+        a = sitk.GetArrayFromImage(image).astype(np.float64)
+        out = sitk.GetImageFromArray(np.hypot(a + rng.normal(0, sigma, a.shape), rng.normal(0, sigma, a.shape))
+                                     .astype(np.float32))
+        out.CopyInformation(image)
+        return out
+
+    return dataclasses.replace(case, source=noisy(case.source), target=noisy(case.target),
+                               refs=[(g, noisy(ref), labels) for g, ref, labels in case.refs],
+                               kind=case.kind + "-noisy")
 
 
 def phantom_cases(dims: int, subjects: int, seed: int = UNSEEN_SEED) -> list[Case]:
@@ -248,13 +300,16 @@ def main(argv=None) -> int:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS + BOUNDS)}")
     groups: dict[str, list[Case]] = {}
     for name in args.cases.split(","):
-        if name in ("real", "real128"):
+        if name in ("real", "real128", "real-stack"):
             if not CINE.is_file():
                 print(f"skipping {name}: {CINE} is absent", file=sys.stderr)
                 continue
-            groups[name] = real_cases(every=args.every, shrink=2 if name == "real128" else 1)
+            groups[name] = (real_stack_cases(every=args.every) if name == "real-stack" else
+                            real_cases(every=args.every, shrink=2 if name == "real128" else 1))
         elif name == "phantom2d":
             groups["phantom2d"] = phantom_cases(2, args.subjects2d)
+        elif name == "phantom2d-noisy":
+            groups[name] = [with_rician_noise(c, seed=n) for n, c in enumerate(phantom_cases(2, args.subjects2d))]
         elif name == "phantom3d":
             groups["phantom3d"] = phantom_cases(3, args.subjects3d)
         else:
