@@ -29,6 +29,7 @@ carried to ES against the true EF; folding (% voxels with det J <= 0, worst fram
     python benchmarks/motion.py                       # everything (tens of minutes on 2 cores)
     python benchmarks/motion.py --cases real --every 3 --methods blend,symmetric+refine
     python benchmarks/motion.py --cases real --methods "demons,forward+refine,forward best gamma,forward ceiling"
+    python benchmarks/motion.py --cases real-stack,phantom2d-noisy --methods "blend,symmetric demons,symmetric+refine"
 Writes benchmarks/results/motion.{json,md} (or --out).
 """
 from __future__ import annotations
