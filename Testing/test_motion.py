@@ -408,7 +408,7 @@ def write_cine4d(path: Path, frames: list[sitk.Image]) -> None:
     sitk.WriteImage(image, str(path))
 
 
-def test_cli_takes_frames_of_a_4d_cine_and_scores_against_its_own_frames(tmp_path, capsys):
+def test_cli_takes_frames_of_a_4d_cine_and_scores_against_its_own_frames(tmp_path, capsys, monkeypatch):
     cine = [as_image(disc(center=(32.0, 32.0 + k), radius=14.0 - k)) for k in range(6)]
     path = tmp_path / "cine.nii.gz"
     write_cine4d(path, cine)
@@ -431,6 +431,15 @@ def test_cli_takes_frames_of_a_4d_cine_and_scores_against_its_own_frames(tmp_pat
         code = cli(["generate", "--source", str(path), "--out", str(tmp_path / "o2"), "--quiet", *args])
         err = capsys.readouterr().err
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    # neighbouring frames have nothing to score against: refused before anything is generated
+    import ddm4d.generation
+
+    monkeypatch.setattr(ddm4d.generation, "generate", lambda *a, **k: pytest.fail("generated before refusing"))
+    code = cli(["generate", "--source", str(path), "--source-frame", "2", "--target-frame", "3", "--score",
+                "--out", str(tmp_path / "o3"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "neighbours" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o3").exists()
 
 
 def test_refine_config_rejects_inconsistent_levels():

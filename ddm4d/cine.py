@@ -20,7 +20,7 @@ from .errors import InputError
 from .geometry import resample_to_reference, same_geometry
 from .metrics import nmse, psnr
 
-__all__ = ["inbetween", "frame_gammas", "score_frames"]
+__all__ = ["inbetween", "scorable_inbetween", "frame_gammas", "score_frames"]
 
 
 def inbetween(source_frame: int, target_frame: int) -> list[tuple[int, float]]:
@@ -30,6 +30,15 @@ def inbetween(source_frame: int, target_frame: int) -> list[tuple[int, float]]:
         return []
     step = 1 if j > i else -1
     return [(k, abs(k - i) / abs(j - i)) for k in range(i + step, j, step)]
+
+
+def scorable_inbetween(source_frame: int, target_frame: int) -> list[tuple[int, float]]:
+    """inbetween(), refused (InputError) when there is no real frame between the two to score against."""
+    pairs = inbetween(source_frame, target_frame)
+    if not pairs:
+        raise InputError("the source and target frames are neighbours or the same frame: there is no "
+                         "real in-between frame to score against; choose frames further apart")
+    return pairs
 
 
 def frame_gammas(source_frame: int, target_frame: int) -> list[float]:
@@ -51,10 +60,7 @@ def score_frames(frames: Sequence[sitk.Image], gammas: Sequence[float], cine: Se
     for name, index in (("source", source_frame), ("target", target_frame)):
         if not 0 <= index < n:
             raise InputError(f"{name} frame {index} is out of range: the cine has {n} frames (0..{n - 1})")
-    pairs = inbetween(source_frame, target_frame)
-    if not pairs:
-        raise InputError("the source and target frames are neighbours or the same frame: there is no "
-                         "real in-between frame to score against; choose frames further apart")
+    pairs = scorable_inbetween(source_frame, target_frame)
     source, target = cine[source_frame], cine[target_frame]
     src = _array(source, source)
     lo, hi = float(src.min()), float(src.max())

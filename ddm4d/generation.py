@@ -615,7 +615,8 @@ def main(args) -> int:
                              "from --source)")
         if args.frames is not None or args.gammas is not None:
             raise InputError("--score generates at the cine's own frame times; drop --frames / --gammas")
-        from .cine import frame_gammas
+        from .cine import frame_gammas, scorable_inbetween
+        scorable_inbetween(args.source_frame, args.target_frame)  # neighbours: refused before any work
         gammas = frame_gammas(args.source_frame, args.target_frame)
     center = _parse_floats(args.center, "--center", 3) if args.center else None
     if args.chunk_size is not None and args.chunk_size < 1:
