@@ -346,15 +346,15 @@ def test_torchrun_worker_ends_without_interpreter_shutdown(tmp_path, world_size)
               "atexit.register(lambda: print('interpreter shutdown', flush=True))\n"
               "from ddm4d.cli import main\n"
               "print('before', flush=True)\n"
-              "sys.argv = ['ddm4d', 'phantom', sys.argv[1], '--subjects', '0']\n"
+              "sys.argv = ['ddm4d', 'train', sys.argv[1], '--out', sys.argv[2], '--iterations', '0']\n"
               "sys.exit(main())\n")
     env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"}
     if world_size:
         env["WORLD_SIZE"] = world_size
-    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], capture_output=True,
-                            text=True, cwd=REPO, env=env, timeout=120)
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "data"), str(tmp_path / "run")],
+                            capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
     assert result.returncode == 2
-    assert "--subjects" in result.stderr and result.stderr.count("\n") == 1  # its one error line
+    assert "--iterations" in result.stderr and result.stderr.count("\n") == 1  # its one error line
     expected = ["before"] if world_size else ["before", "interpreter shutdown"]
     assert result.stdout.splitlines() == expected
 

@@ -63,13 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ddm4d {args.command}: interrupted", file=sys.stderr)
         code = 130
-    if whole_process:
+    if whole_process and args.command == "train":
         end_distributed_worker(code)
     return code
 
 
 def end_distributed_worker(code: int) -> None:
-    """In a torchrun job (WORLD_SIZE > 1), end the process here, output flushed, without the
+    """In a torchrun training job (WORLD_SIZE > 1), end the process here, output flushed, without the
     interpreter's shutdown. Why: the process group's worker threads outlive destroy_process_group while
     DDP has used it, and one still releasing a finished all-reduce when Python shuts down cannot take
     the GIL and aborts the process (SIGABRT after a finished run: 4 of 50 two-process runs). Everything
