@@ -206,7 +206,7 @@ def test_thick_slices_get_a_thinner_window_and_3d_refinement_works():
     vol_s = torch.stack([source] * 6)[None, None]
     vol_t = torch.stack([disc((64, 64), center=(31.0, 34.0), radius=11.0)[0, 0]] * 6)[None, None]
     result = refine_velocity(vol_s, vol_t, [8.0, 1.5, 1.5])
-    end = warp(vol_s, integrate(result.velocity, STEPS))
+    end = warp(vol_s, integrate(result.velocity, RefineConfig().squarings(3)))
     assert (end - vol_t).pow(2).mean().item() < 0.3 * (vol_s - vol_t).pow(2).mean().item()
     # through-plane motion stays small: the slices are all alike
     assert result.velocity[0, 0].abs().mean().item() < 0.1
@@ -447,6 +447,19 @@ def test_refine_config_rejects_inconsistent_levels():
         RefineConfig(levels=(4, 2), steps=(10,))
     with pytest.raises(ValueError, match="tolerance"):
         RefineConfig(tolerance=-1e-3)
+    with pytest.raises(ValueError, match="integration steps"):
+        RefineConfig(integration_steps_3d=0)
+
+
+def test_a_volume_path_takes_more_squarings_than_a_slice():
+    """Volumes carry the model's steep through-plane motion: exp(v) with 7 squarings there (5 folded a
+    voxel of an unseen 3D phantom), 5 for slices; the path's fields use the same count as the fit."""
+    config = RefineConfig()
+    assert (config.squarings(2), config.squarings(3)) == (5, 7)
+    v2, v3 = smooth_field((32, 32), 3.0), smooth_field((8, 32, 32), 3.0)
+    assert torch.equal(path_fields(v2, [1.0]), integrate(v2, 5))
+    assert torch.equal(path_fields(v3, [1.0]), integrate(v3, 7))
+    assert not torch.allclose(integrate(v3, 7), integrate(v3, 5), atol=1e-4)  # the count matters
 
 
 def test_network_fitting_keeps_its_best_iterate_not_its_last():

@@ -309,7 +309,7 @@ def _refine_paths(source_img, target_img, paths: _Paths | None, gammas, mode, co
 
     def velocity(model_field: torch.Tensor) -> torch.Tensor:
         end = paths.mapping.field_to_physical(model_field[0].numpy())
-        return logarithm(torch.from_numpy(mapping.field_to_model(end))[None].to(device), steps=config.integration_steps)
+        return logarithm(torch.from_numpy(mapping.field_to_model(end))[None].to(device), steps=config.squarings(dims))
 
     starts = {}
     if paths is not None:
@@ -320,8 +320,8 @@ def _refine_paths(source_img, target_img, paths: _Paths | None, gammas, mode, co
                                  progress=lambda f, m: report(0.1 + 0.7 * f, m), cancel=cancel)
     taus = timing or gammas
     with torch.no_grad():
-        forward = path_fields(refinement.velocity, taus, config.integration_steps).cpu()
-        backward = path_fields(refinement.velocity, taus, config.integration_steps, backward=True).cpu() \
+        forward = path_fields(refinement.velocity, taus, config.squarings(dims)).cpu()
+        backward = path_fields(refinement.velocity, taus, config.squarings(dims), backward=True).cpu() \
             if mode == "symmetric" else None
     out = _Paths(mapping, {g: forward[i:i + 1] for i, g in enumerate(gammas)})
     if backward is not None:

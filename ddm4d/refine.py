@@ -71,7 +71,7 @@ class _Objective:
         self.axis_ratio = ratio.tolist()
 
     def images(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        steps = self.config.integration_steps
+        steps = self.config.squarings(v.dim() - 2)
         if self.symmetric:
             # both halves in one batch: grid_sample on the CPU runs a batch of two in about 60% of the
             # time of two single calls (128 x 128 x 32 pair: a refinement step 560 -> 360 ms)
@@ -202,10 +202,13 @@ def refine_velocity(source: torch.Tensor, target: torch.Tensor, spacing: Sequenc
     return Refinement(velocity=v, start=origin, objective=objective, steps=taken, seconds=time.perf_counter() - t0)
 
 
-def path_fields(velocity: torch.Tensor, gammas: Sequence[float], steps: int = RefineConfig.integration_steps,
+def path_fields(velocity: torch.Tensor, gammas: Sequence[float], steps: int | None = None,
                 backward: bool = False) -> torch.Tensor:
     """Fields of the path at each gamma: exp(gamma v) from the source, or, with `backward`, the
-    target's exp(-(1 - gamma) v); shape (len(gammas), ndim, *spatial)."""
+    target's exp(-(1 - gamma) v); shape (len(gammas), ndim, *spatial). `steps`: squarings (default
+    RefineConfig's for the velocity's dimensions)."""
+    if steps is None:
+        steps = RefineConfig().squarings(velocity.dim() - 2)
     g = torch.as_tensor([float(x) for x in gammas], dtype=velocity.dtype, device=velocity.device)
     scales = (g - 1.0) if backward else g
     return integrate(velocity * scales.view(-1, *([1] * (velocity.dim() - 1))), steps)
