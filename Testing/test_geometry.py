@@ -365,8 +365,6 @@ def test_physical_field_agrees_with_the_models_own_warp():
     """
     import torch
 
-    import torch
-
     from ddm4d.warp import warp
 
     geo = blank((48, 44, 10))
