@@ -185,7 +185,7 @@ class RefineConfig:
     # per step at most for the few voxels a slice's velocity spans; 7 gave the same figures. Volumes: 7
     # (VoxelMorph's). Their velocity keeps the model's through-plane motion, whose gradients are steeper
     # (up to 16 voxels per voxel against 2-3 in slices); with 5, exp(v) folded a voxel of one unseen 3D
-    # phantom subject, with 7 none (and the same PSNR, Dice and EF), for 25% more time
+    # phantom subject, with 7 none (and the same PSNR, Dice and EF), for about 40% more refinement time
     integration_steps: int = 5
     integration_steps_3d: int = 7
     # through-plane motion is not measurable from slices this many times thicker than the pixels: the
