@@ -74,7 +74,9 @@ def end_distributed_worker(code: int) -> None:
     DDP has used it, and one still releasing a finished all-reduce when Python shuts down cannot take
     the GIL and aborts the process (SIGABRT after a finished run: 4 of 50 two-process runs). Everything
     of the run is written and closed by then (ddm4d.training.cli's session)."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    from .training.distributed import Dist  # torch is loaded by then: train has run
+
+    if Dist.from_env().world_size > 1:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

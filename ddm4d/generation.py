@@ -307,9 +307,11 @@ def _refine_paths(source_img, target_img, paths: _Paths | None, gammas, mode, co
     s = torch.from_numpy(src)[None, None].to(device)
     t = torch.from_numpy(tgt)[None, None].to(device)
 
+    squarings = config.squarings(dims)
+
     def velocity(model_field: torch.Tensor) -> torch.Tensor:
         end = paths.mapping.field_to_physical(model_field[0].numpy())
-        return logarithm(torch.from_numpy(mapping.field_to_model(end))[None].to(device), steps=config.squarings(dims))
+        return logarithm(torch.from_numpy(mapping.field_to_model(end))[None].to(device), steps=squarings)
 
     starts = {}
     if paths is not None:
@@ -320,8 +322,8 @@ def _refine_paths(source_img, target_img, paths: _Paths | None, gammas, mode, co
                                  progress=lambda f, m: report(0.1 + 0.7 * f, m), cancel=cancel)
     taus = timing or gammas
     with torch.no_grad():
-        forward = path_fields(refinement.velocity, taus, config.squarings(dims)).cpu()
-        backward = path_fields(refinement.velocity, taus, config.squarings(dims), backward=True).cpu() \
+        forward = path_fields(refinement.velocity, taus, squarings).cpu()
+        backward = path_fields(refinement.velocity, taus, squarings, backward=True).cpu() \
             if mode == "symmetric" else None
     out = _Paths(mapping, {g: forward[i:i + 1] for i, g in enumerate(gammas)})
     if backward is not None:
