@@ -449,6 +449,8 @@ def test_refine_config_rejects_inconsistent_levels():
         RefineConfig(tolerance=-1e-3)
     with pytest.raises(ValueError, match="integration steps"):
         RefineConfig(integration_steps_3d=0)
+    with pytest.raises(ValueError, match="upsample_smoothing"):
+        RefineConfig(upsample_smoothing=-0.5)
 
 
 def test_a_volume_path_takes_more_squarings_than_a_slice():
@@ -460,6 +462,35 @@ def test_a_volume_path_takes_more_squarings_than_a_slice():
     assert torch.equal(path_fields(v2, [1.0]), integrate(v2, 5))
     assert torch.equal(path_fields(v3, [1.0]), integrate(v3, 7))
     assert not torch.allclose(integrate(v3, 7), integrate(v3, 5), atol=1e-4)  # the count matters
+
+
+def test_a_velocity_fitted_at_half_resolution_is_not_sharper_once_upsampled():
+    """A volume's refinement ends at half its grid. Linearly upsampled, v's gradient between two coarse
+    voxels is twice what the grid's differences saw there, and exp(v) on the fine grid compressed to
+    folding where the fit's had not (3 voxels of an unseen 3D phantom, --model none); the Gaussian of
+    RefineConfig.upsample_smoothing keeps the fine exp(v) near the coarse one and the motion's size."""
+    from ddm4d.geometry import jacobian_determinant
+    from ddm4d.refine import upsample_velocity
+
+    coarse = torch.zeros(1, 3, 8, 16, 16)
+    coarse[0, 2, :, :, 7], coarse[0, 2, :, :, 8] = 2.0, -2.0  # two neighbouring coarse columns converge
+    fine_size = [8, 32, 32]
+
+    def min_det(v):
+        return float(jacobian_determinant(integrate(v, RefineConfig().squarings(3))[0].numpy()).min())
+
+    assert min_det(coarse) > 0.7  # what the fit saw
+    assert min_det(resize_field(coarse, fine_size)) < 0.05  # linear upsampling alone: nearly folded
+    smoothing = RefineConfig().upsample_smoothing
+    smoothed = upsample_velocity(coarse, fine_size, smoothing)
+    assert min_det(smoothed) > 0.2
+    assert float(smoothed.abs().max()) > 0.5 * float(resize_field(coarse, fine_size).abs().max())
+    assert torch.equal(upsample_velocity(coarse, coarse.shape[2:], smoothing), coarse)  # no level above: as fitted
+    assert torch.equal(upsample_velocity(coarse, fine_size, 0.0), resize_field(coarse, fine_size))
+    # axes that do not grow (a thick-slice axis) are not smoothed along
+    slab = torch.zeros(1, 3, 8, 16, 16)
+    slab[0, 0, 4] = 1.0
+    assert torch.equal(upsample_velocity(slab, fine_size, smoothing)[0, 0, 3], torch.zeros(32, 32))
 
 
 def test_network_fitting_keeps_its_best_iterate_not_its_last():

@@ -49,3 +49,45 @@ def test_the_command_checks_without_writing_and_rewrites_only_when_asked(tmp_pat
     done = subprocess.run(run, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "1 rewritten" in done.stdout
     assert page.read_text() == shipped
+
+
+# "Motion on real scans" joins two groups in one table and names the methods for readers, so its two
+# main tables are typed; each figure is held to the results file it was typed from
+MOTION_NAMES = {"initial (the source)": "initial", "linear blend": "blend", "demons scaled by gamma": "demons",
+                "symmetric demons": "symmetric demons", "DDM forward (the paper)": "forward",
+                "DDM symmetric": "symmetric", "DDM forward + refinement": "forward+refine",
+                "**DDM symmetric + refinement (default)**": "symmetric+refine",
+                "DDM symmetric + refinement, linear fade (the default before)": "symmetric+refine linear fade",
+                "refinement alone, forward": "refine only forward", "refinement alone, symmetric": "refine only symmetric"}
+PHANTOM_COLUMNS = [("dice_mean", "{:.3f}"), ("dice_worst_frame", "{:.3f}"), ("ef_error_points", "{:.1f}"),
+                   ("identical_pair_motion_mm", "{:.2f}"), ("folding_percent", "{:.3f}"), ("seconds", "{:.1f}")]
+
+
+def _typed_table(text: str, first_header: str) -> dict[str, list[str]]:
+    table = next(t for t in readme.tables(text) if t.startswith(first_header))
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+    return {MOTION_NAMES[row[0]]: row[1:] for row in rows}
+
+
+def _cells(summary: dict, columns) -> list[str]:
+    return [fmt.format(summary[key]) if key in summary else "–" for key, fmt in columns]
+
+
+@pytest.mark.parametrize("results, header, groups", [
+    ("motion_2d", "| method | real PSNR |", (("real", [("psnr_db", "{:.2f}"), ("nmse", "{:.4f}")]),
+                                             ("phantom2d", [("psnr_db", "{:.2f}")] + PHANTOM_COLUMNS))),
+    ("motion_3d", "| method | PSNR | NMSE | Dice | Dice, worst frame |",
+     (("phantom3d", [("psnr_db", "{:.2f}"), ("nmse", "{:.4f}")] + PHANTOM_COLUMNS),)),
+])
+def test_the_typed_motion_tables_match_their_results_files(results, header, groups):
+    import json
+
+    typed = _typed_table((ROOT / "README.md").read_text(encoding="utf-8"), header)
+    measured = json.loads((ROOT / "benchmarks" / "results" / f"{results}.json").read_text())["groups"]
+    assert len(typed) >= 10
+    for method, cells in typed.items():
+        expected = []
+        for group, columns in groups:
+            summary = measured[group][method]["summary"]
+            expected += _cells(summary, columns)
+        assert cells == expected, f"{results}: {method}"

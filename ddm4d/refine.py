@@ -20,6 +20,7 @@ import torch
 
 from .config import RefineConfig
 from .errors import Cancelled, InputError
+from .fade import smooth
 from .geometry import ModelMapping, to_model_grid
 from .losses import local_ncc
 from .svf import integrate, resize_field, resize_image
@@ -166,7 +167,7 @@ def refine_velocity(source: torch.Tensor, target: torch.Tensor, spacing: Sequenc
     levels, level_steps = (config.levels, config.steps) if ndim == 2 else (config.levels_3d, config.steps_3d)
     total = max(1, sum(level_steps))
     done = 0
-    for factor, steps in zip(levels, level_steps):
+    for level, (factor, steps) in enumerate(zip(levels, level_steps)):
         size = _level_size(shape, spacing, factor)
         level_spacing = [s * n / m for s, n, m in zip(spacing, shape, size)]
         s_l, t_l = resize_image(source, size), resize_image(target, size)
@@ -198,8 +199,21 @@ def refine_velocity(source: torch.Tensor, target: torch.Tensor, spacing: Sequenc
         if loss is not None:
             objective.append(float(loss.detach()))
         taken.append(n)
-        v = resize_field(v_l.detach(), shape)
+        # a level's field on the full grid: linear for the next level to start from; the last smoothed
+        last = level == len(levels) - 1
+        v = upsample_velocity(v_l.detach(), shape, config.upsample_smoothing if last else 0.0)
     return Refinement(velocity=v, start=origin, objective=objective, steps=taken, seconds=time.perf_counter() - t0)
+
+
+def upsample_velocity(v: torch.Tensor, size: Sequence[int], smoothing: float) -> torch.Tensor:
+    """v (1, ndim, *spatial) on a finer grid: linear, then a Gaussian of `smoothing` of v's own voxels
+    along each axis that grew, so exp(v) on the fine grid is as smooth as it was on the coarse one."""
+    coarse = v.shape[2:]
+    fine = resize_field(v, size)
+    sigmas = [smoothing * n / o if n > o else 0.0 for n, o in zip(size, coarse)]
+    if max(sigmas) == 0:
+        return fine
+    return smooth(fine[0], sigmas)[None]
 
 
 def path_fields(velocity: torch.Tensor, gammas: Sequence[float], steps: int | None = None,
