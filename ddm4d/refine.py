@@ -20,7 +20,7 @@ import torch
 
 from .config import RefineConfig
 from .errors import Cancelled, InputError
-from .fade import smooth
+from .fade import smooth as gaussian
 from .geometry import ModelMapping, to_model_grid
 from .losses import local_ncc
 from .svf import integrate, resize_field, resize_image
@@ -213,7 +213,7 @@ def upsample_velocity(v: torch.Tensor, size: Sequence[int], smoothing: float) ->
     sigmas = [smoothing * n / o if n > o else 0.0 for n, o in zip(size, coarse)]
     if max(sigmas) == 0:
         return fine
-    return smooth(fine[0], sigmas)[None]
+    return gaussian(fine[0], sigmas)[None]
 
 
 def path_fields(velocity: torch.Tensor, gammas: Sequence[float], steps: int | None = None,
