@@ -465,10 +465,10 @@ def test_a_volume_path_takes_more_squarings_than_a_slice():
 
 
 def test_a_velocity_fitted_at_half_resolution_is_not_sharper_once_upsampled():
-    """A volume's refinement ends at half its grid. Linearly upsampled, v's gradient between two coarse
-    voxels is twice what the grid's differences saw there, and exp(v) on the fine grid compressed to
-    folding where the fit's had not (3 voxels of an unseen 3D phantom, --model none); the Gaussian of
-    RefineConfig.upsample_smoothing keeps the fine exp(v) near the coarse one and the motion's size."""
+    """A volume's refinement ends at half its grid. Linearly upsampled, v's gradient on the full grid is
+    its change from one coarse voxel to the next, which the fit's central differences did not see, and
+    exp(v) there folded where the fit's had not (2 voxels of an unseen 3D phantom, --model none); the
+    Gaussian of RefineConfig.upsample_smoothing keeps the fine exp(v) near the coarse one and the motion's size."""
     from ddm4d.geometry import jacobian_determinant
     from ddm4d.refine import upsample_velocity
 
