@@ -246,6 +246,7 @@ def score(case: Case, out: Output) -> dict:
     if out.extra.get("refinement"):
         row["refine_start"] = out.extra["refinement"]["start"]
         row["refine_seconds"] = out.extra["refinement"]["seconds"]
+        row["refine_smoothed"] = int(out.extra["refinement"].get("smoothed", False))  # mean: share of cases
     return row
 
 

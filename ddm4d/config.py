@@ -191,9 +191,12 @@ class RefineConfig:
     # a volume's last level is half its grid: linearly upsampled, v's gradient on the full grid is its
     # change from one coarse voxel to the next, steeper than the level's central differences saw, and
     # exp(v) there folded where the level's had not (2 voxels of an unseen 3D phantom, --model none).
-    # The upsampled v is smoothed by a Gaussian of this many voxels of the last level along the axes
-    # that were upsampled (0: linear only); 3D default path: same PSNR, forward refinement -0.05 dB
+    # Where exp(v) on the full grid compresses below `upsample_min_det` anywhere, the upsampled v is
+    # smoothed by a Gaussian of `upsample_smoothing` voxels of the last level along the axes that were
+    # upsampled (0: never). Only then: smoothing every volume's v shrank the motion of isotropic 2 mm
+    # phantoms (|EF error| 4.8 -> 6.6 points) and cost forward refinement 0.05 dB on thick slices
     upsample_smoothing: float = 0.5
+    upsample_min_det: float = 0.05
     # through-plane motion is not measurable from slices this many times thicker than the pixels: the
     # velocity along such an axis keeps its start (the model's, or zero); refinement moves in-plane
     thick_slice_ratio: float = 2.0
@@ -211,8 +214,9 @@ class RefineConfig:
                 raise ValueError(f"levels {levels} and steps {steps} need one entry each per level")
             if min(levels) < 1 or min(steps) < 0:
                 raise ValueError(f"levels must be >= 1 and steps >= 0, got {levels} / {steps}")
-        if self.upsample_smoothing < 0:
-            raise ValueError(f"upsample_smoothing must be >= 0, got {self.upsample_smoothing}")
+        if self.upsample_smoothing < 0 or not 0 <= self.upsample_min_det < 1:
+            raise ValueError(f"upsample_smoothing must be >= 0 and upsample_min_det in [0, 1), got "
+                             f"{self.upsample_smoothing} / {self.upsample_min_det}")
         if self.tolerance < 0 or self.patience < 1:
             raise ValueError(f"tolerance must be >= 0 and patience >= 1, got {self.tolerance} / {self.patience}")
         if self.window % 2 != 1:

@@ -352,7 +352,7 @@ def _refinement_info(refinement: Refinement | None, timing: list[float] | None) 
     if refinement is None:
         return None
     return {"start": refinement.start, "seconds": refinement.seconds, "objective": refinement.objective,
-            "steps": refinement.steps, "path_position": timing}
+            "steps": refinement.steps, "smoothed": refinement.smoothed, "path_position": timing}
 
 
 def fit_pair(net, source: np.ndarray, target: np.ndarray, steps: int, device: torch.device, seed: int = 0,

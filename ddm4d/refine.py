@@ -21,7 +21,7 @@ import torch
 from .config import RefineConfig
 from .errors import Cancelled, InputError
 from .fade import smooth as gaussian
-from .geometry import ModelMapping, to_model_grid
+from .geometry import ModelMapping, jacobian_determinant, to_model_grid
 from .losses import local_ncc
 from .svf import integrate, resize_field, resize_image
 from .warp import warp
@@ -36,6 +36,7 @@ class Refinement:
     objective: list[float] = field(default_factory=list)  # per level, at its end
     steps: list[int] = field(default_factory=list)  # per level: fewer than RefineConfig's where it converged
     seconds: float = 0.0
+    smoothed: bool = False  # the last level's v smoothed on its way to the full grid (RefineConfig.upsample_*)
 
 
 def refinement_grid(source: sitk.Image, target: sitk.Image, config: RefineConfig = RefineConfig(),
@@ -164,6 +165,7 @@ def refine_velocity(source: torch.Tensor, target: torch.Tensor, spacing: Sequenc
     keep[:, frozen] = 0.0
     objective: list[float] = []
     taken: list[int] = []
+    smoothed = False
     levels, level_steps = (config.levels, config.steps) if ndim == 2 else (config.levels_3d, config.steps_3d)
     total = max(1, sum(level_steps))
     done = 0
@@ -199,10 +201,12 @@ def refine_velocity(source: torch.Tensor, target: torch.Tensor, spacing: Sequenc
         if loss is not None:
             objective.append(float(loss.detach()))
         taken.append(n)
-        # a level's field on the full grid: linear for the next level to start from; the last smoothed
-        last = level == len(levels) - 1
-        v = upsample_velocity(v_l.detach(), shape, config.upsample_smoothing if last else 0.0)
-    return Refinement(velocity=v, start=origin, objective=objective, steps=taken, seconds=time.perf_counter() - t0)
+        v = resize_field(v_l.detach(), shape)  # a level's field on the full grid: the next level's start
+        if level == len(levels) - 1 and list(v_l.shape[2:]) != shape and config.upsample_smoothing > 0 \
+                and min_det(integrate(v, config.squarings(ndim))) < config.upsample_min_det:
+            v, smoothed = upsample_velocity(v_l.detach(), shape, config.upsample_smoothing), True
+    return Refinement(velocity=v, start=origin, objective=objective, steps=taken, seconds=time.perf_counter() - t0,
+                      smoothed=smoothed)
 
 
 def upsample_velocity(v: torch.Tensor, size: Sequence[int], smoothing: float) -> torch.Tensor:
@@ -214,6 +218,11 @@ def upsample_velocity(v: torch.Tensor, size: Sequence[int], smoothing: float) ->
     if max(sigmas) == 0:
         return fine
     return gaussian(fine[0], sigmas)[None]
+
+
+def min_det(phi: torch.Tensor) -> float:
+    """The smallest Jacobian determinant of a voxel field (1, ndim, *spatial) (central differences)."""
+    return float(jacobian_determinant(phi[0].detach().cpu().numpy()).min())
 
 
 def path_fields(velocity: torch.Tensor, gammas: Sequence[float], steps: int | None = None,
