@@ -183,3 +183,29 @@ def test_frames_that_do_not_move_are_the_source_and_the_rest_as_resampled(mode):
         assert folding[i] == folding_of(expected_jacobians[i].numpy(), mapping.fov_mask(erode=1))
     np.testing.assert_array_equal(arr(frames[0]), arr(mapping.source))
     assert frames[0] is not mapping.source and moved[0] is not labels  # the caller's images stay theirs
+
+
+def test_points_pulled_from_beyond_the_image_take_its_nearest_edge_voxel():
+    """Through-plane motion pulls a stack's end slices from beyond it: the frame there repeats the edge
+    (ITK's nearest-neighbour extrapolator), not a band of the image minimum; labels take their default."""
+    size, spacing = (20, 18, 6), (1.5, 1.5, 6.0)
+    source = image(size, spacing, direction=DIRECTION, seed=4)
+    labels = image(size, spacing, direction=DIRECTION, seed=5, labels=True)
+    offset = np.array([2.3, 0.0, 1.7])  # voxels along x, y, z (no rounding ties): the last two slices sample beyond the stack
+    u = DIRECTION @ (np.asarray(spacing) * offset)  # LPS mm
+    field = sitk.GetImageFromArray(np.broadcast_to(u, arr(source).shape + (3,)).copy(), isVector=True)
+    field.CopyInformation(source)
+    warp = resample.Warp(torch.from_numpy(arr(field)).movedim(-1, 0)[None].double(), source)
+    frame = warp.linear(source)[0].numpy()
+    src = arr(source)
+    # slices 4 and 5 pull from z = 5.7 and 6.7, beyond the last slice's half voxel: the nearest voxel,
+    # every axis rounded and clamped (x + 2.3 -> x + 2)
+    edge = src[-1][:, np.clip(np.arange(size[0]) + 2, 0, size[0] - 1)]
+    np.testing.assert_allclose(frame[-2:], np.broadcast_to(edge, (2,) + edge.shape), rtol=0, atol=1e-4)
+    span = float(np.ptp(src))
+    assert np.ptp(frame[-1]) > 0.1 * span  # not a band of one value (ITK's default value)
+    np.testing.assert_allclose(frame, arr(warp_image(source, field, "linear")), rtol=0, atol=1e-4 * span)
+    moved = warp.nearest(labels, default_value=0)[0].numpy()
+    assert not moved[-2:].any()  # labels: nothing is known to lie beyond the stack
+    np.testing.assert_array_equal(moved, arr(warp_image(labels, field, "nearest", default_value=0)))
+    np.testing.assert_array_equal(warp.linear(source, default_value=-7.0)[0].numpy()[-2:], -7.0)

@@ -13,6 +13,8 @@ Cases
 - phantom2d / phantom3d: phantom subjects of a seed no bundled model was trained or checked on,
   ED -> ES; every in-between frame has its true image and labels. Also the identical pair (ED -> ED):
   how far a method moves a heart that does not change.
+- phantom3d-iso: the phantom3d subjects' seed on an isotropic grid, 100 x 100 x 56 voxels of 2 mm (a
+  cardiac CT or 3D cine rather than a stack of thick slices; opt-in).
 - phantom2d-noisy: the phantom2d subjects with Rician noise of NOISE_FRACTION of the source's intensity
   range added to every frame independently (real-time cines have a lower SNR than the phantom; opt-in).
 
@@ -62,6 +64,7 @@ CINE = ROOT.parent / "shared" / "data" / "real-cine-2d" / "heart_cine_16frames.d
 GAPS = (4, 6, 8)
 UNSEEN_SEED = 7  # the bundled models were trained on seed 0 and checked on seed 1
 STACK_SLICES, STACK_CROP, STACK_SHIFT, STACK_SPACING = 12, 200, (4, 2), (2.0, 2.0, 8.0)  # real-stack
+ISO_SIZE, ISO_SPACING = (100, 100, 56), (2.0, 2.0, 2.0)  # phantom3d-iso (x, y, z)
 NOISE_FRACTION = 0.04  # phantom2d-noisy: sigma of each Rician channel, of the source's intensity range
 DICE_STRUCTURES = ("lv_blood_pool", "lv_myocardium", "rv")
 METHODS = ("initial", "blend", "demons", "symmetric demons", "forward", "symmetric", "forward+refine",
@@ -150,14 +153,14 @@ def with_rician_noise(case: Case, fraction: float = NOISE_FRACTION, seed: int = 
                                kind=case.kind + "-noisy")
 
 
-def phantom_cases(dims: int, subjects: int, seed: int = UNSEEN_SEED) -> list[Case]:
+def phantom_cases(dims: int, subjects: int, seed: int = UNSEEN_SEED, isotropic: bool = False) -> list[Case]:
     cases = []
+    kind = f"phantom{dims}d" + ("-iso" if isotropic else "")
     for n in range(subjects):
-        size = (160, 160, 1) if dims == 2 else None
-        s = make_subject(subject_seed(seed, n + 1), size=size)
+        size = (160, 160, 1) if dims == 2 else ISO_SIZE if isotropic else None
+        s = make_subject(subject_seed(seed, n + 1), size=size, spacing=ISO_SPACING if isotropic else None)
         refs = [(k / s.es, s.images[k], s.labels[k]) for k in range(1, s.es)]
-        cases.append(Case(f"phantom{dims}d {n + 1}", s.images[0], s.images[s.es], refs, s.labels[0], s.labels[s.es],
-                          kind=f"phantom{dims}d"))
+        cases.append(Case(f"{kind} {n + 1}", s.images[0], s.images[s.es], refs, s.labels[0], s.labels[s.es], kind=kind))
     return cases
 
 
@@ -314,6 +317,8 @@ def main(argv=None) -> int:
             groups[name] = [with_rician_noise(c, seed=n) for n, c in enumerate(phantom_cases(2, args.subjects2d))]
         elif name == "phantom3d":
             groups["phantom3d"] = phantom_cases(3, args.subjects3d)
+        elif name == "phantom3d-iso":
+            groups[name] = phantom_cases(3, args.subjects3d, isotropic=True)
         else:
             parser.error(f"unknown case group {name}")
     results: dict = {"methods": methods, "model": MODEL, "precision": PRECISION, "refine_config": dataclasses.asdict(REFINE), "groups": {}}

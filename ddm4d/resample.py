@@ -7,8 +7,9 @@ share an input image must not run at once); here the same arithmetic runs over b
 
 SimpleITK's conventions are kept, so the results match geometry.py's (Testing/test_resample.py):
 voxel centres at integer indices; linear interpolation repeats the edge voxel within half a voxel of
-the edge and gives the default value beyond it; nearest neighbour rounds halves up; where a field is
-exactly zero the image's own voxel is kept (warp_image's exact identity).
+the edge and, beyond it, takes the nearest voxel (ITK's nearest-neighbour extrapolator; a given
+default value instead, as for labels); nearest neighbour rounds halves up; where a field is exactly
+zero the image's own voxel is kept (warp_image's exact identity).
 """
 from __future__ import annotations
 
@@ -140,22 +141,30 @@ class Warp:
         self.inside = _inside(self.index, self.size)
         self.still = (fields == 0).all(dim=1)  # kept exactly, as warp_image does
 
+    def _nearest(self, array: torch.Tensor) -> torch.Tensor:
+        """The voxel nearest to each sampling point, the index clamped to the image (ITK rounds halves up)."""
+        i, j, k = [torch.floor(x + 0.5).long().clamp_(0, n - 1) for x, n in zip(self.index, self.size)]
+        return array.reshape(-1)[(k * self.size[1] + j) * self.size[0] + i]
+
     def _finish(self, out: torch.Tensor, array: torch.Tensor, default_value: float | None) -> torch.Tensor:
-        default = float(array.min()) if default_value is None else default_value
-        out = torch.where(self.inside, out, torch.tensor(default, dtype=out.dtype))
+        if not bool(self.inside.all()):
+            outside = self._nearest(array).to(out.dtype) if default_value is None \
+                else torch.tensor(default_value, dtype=out.dtype)
+            out = torch.where(self.inside, out, outside)
         return torch.where(self.still, array.to(out.dtype), out)
 
     def linear(self, image: sitk.Image, default_value: float | None = None) -> torch.Tensor:
-        """(N, z, y, x) float32 (the images here are float32); default value: the image minimum."""
+        """(N, z, y, x) float32 (the images here are float32); beyond the image the nearest edge voxel,
+        or `default_value` (geometry.warp_image's convention)."""
         array = torch.from_numpy(sitk.GetArrayFromImage(image)).double()
         out = _linear(array[None, None].expand(len(self.still), 1, *array.shape), self.index, self.size)[:, 0]
         return self._finish(out, array, default_value).float()
 
     def nearest(self, image: sitk.Image, default_value: float | None = None) -> torch.Tensor:
-        """(N, z, y, x) in the image's own type (labels); ITK rounds halves up."""
+        """(N, z, y, x) in the image's own type (labels); beyond the image `default_value`, or without
+        one the nearest edge voxel."""
         array = torch.from_numpy(sitk.GetArrayFromImage(image))
-        i, j, k = [torch.floor(x + 0.5).long().clamp_(0, n - 1) for x, n in zip(self.index, self.size)]
-        return self._finish(array.reshape(-1)[(k * self.size[1] + j) * self.size[0] + i], array, default_value)
+        return self._finish(self._nearest(array), array, default_value)
 
     def jacobians(self) -> torch.Tensor:
         """det(I + grad u) of each field, float32 (N, z, y, x): central differences, one-sided at the
