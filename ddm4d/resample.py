@@ -146,10 +146,13 @@ class Warp:
         i, j, k = [torch.floor(x + 0.5).long().clamp_(0, n - 1) for x, n in zip(self.index, self.size)]
         return array.reshape(-1)[(k * self.size[1] + j) * self.size[0] + i]
 
-    def _finish(self, out: torch.Tensor, array: torch.Tensor, default_value: float | None) -> torch.Tensor:
+    def _finish(self, out: torch.Tensor, array: torch.Tensor, default_value: float | None,
+                nearest: torch.Tensor | None = None) -> torch.Tensor:
         if not bool(self.inside.all()):
-            outside = self._nearest(array).to(out.dtype) if default_value is None \
-                else torch.tensor(default_value, dtype=out.dtype)
+            if default_value is not None:
+                outside = torch.tensor(default_value, dtype=out.dtype)
+            else:
+                outside = (self._nearest(array) if nearest is None else nearest).to(out.dtype)
             out = torch.where(self.inside, out, outside)
         return torch.where(self.still, array.to(out.dtype), out)
 
@@ -164,7 +167,8 @@ class Warp:
         """(N, z, y, x) in the image's own type (labels); beyond the image `default_value`, or without
         one the nearest edge voxel."""
         array = torch.from_numpy(sitk.GetArrayFromImage(image))
-        return self._finish(self._nearest(array), array, default_value)
+        nearest = self._nearest(array)
+        return self._finish(nearest, array, default_value, nearest)
 
     def jacobians(self) -> torch.Tensor:
         """det(I + grad u) of each field, float32 (N, z, y, x): central differences, one-sided at the
