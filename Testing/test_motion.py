@@ -212,6 +212,28 @@ def test_thick_slices_get_a_thinner_window_and_3d_refinement_works():
     assert result.velocity[0, 0].abs().mean().item() < 0.1
 
 
+
+def test_an_isotropic_volume_is_refined_at_its_own_resolution_and_a_large_one_is_capped():
+    """Up to 128 x 128 x 64 voxels the refinement grid is the volume's own: 56 slices of 2 mm stay 56
+    (squeezed to 32 they under-moved; benchmarks/motion.py --cases phantom3d-iso), larger is capped
+    with the field of view kept."""
+    from ddm4d.refine import refinement_grid
+
+    def volume(size, spacing):
+        image = sitk.Image(size, sitk.sitkFloat32) + 1.0
+        image.SetSpacing(spacing)
+        return image
+
+    iso = volume((100, 100, 56), (2.0, 2.0, 2.0))
+    _, _, mapping = refinement_grid(iso, iso)
+    assert mapping.grid.GetSize() == (100, 100, 56)
+    assert mapping.grid.GetSpacing() == pytest.approx((2.0, 2.0, 2.0))
+    big = volume((256, 256, 100), (1.0, 1.0, 1.5))
+    _, _, mapping = refinement_grid(big, big)
+    assert mapping.grid.GetSize() == (128, 128, 64)
+    assert mapping.grid.GetSpacing() == pytest.approx((2.0, 2.0, 100 * 1.5 / 64))
+
+
 # ---------------------------------------------------------------------------------------- generation
 
 def zero_field_model(dims=2):

@@ -164,7 +164,10 @@ class RefineConfig:
     benchmarks/motion.py on the real cine and on held-out phantom subjects."""
 
     # refinement grid: the source's whole field of view, at its own resolution up to this many voxels
-    max_size: tuple[int, ...] = (128, 128, 32)
+    # (x, y, z). 64 slices, not 32: an isotropic 2 mm volume of 56 slices squeezed to 32 under-moved
+    # (3 phantom subjects, default path: |EF error| 5.4 -> 3.7 points, +0.07 dB, 13% more time);
+    # stacks of thick slices have far fewer
+    max_size: tuple[int, ...] = (128, 128, 64)
     # pyramid: downsampling factor (in-plane) of each level, coarse to fine, and at most this many Adam
     # steps on each; a volume stops at half resolution (its velocity is smooth; the full level would
     # double the time)
