@@ -212,7 +212,6 @@ def test_thick_slices_get_a_thinner_window_and_3d_refinement_works():
     assert result.velocity[0, 0].abs().mean().item() < 0.1
 
 
-
 def test_an_isotropic_volume_is_refined_at_its_own_resolution_and_a_large_one_is_capped():
     """Up to 128 x 128 x 64 voxels the refinement grid is the volume's own: 56 slices of 2 mm stay 56
     (squeezed to 32 they under-moved; benchmarks/motion.py --cases phantom3d-iso), larger is capped

@@ -191,7 +191,7 @@ def test_points_pulled_from_beyond_the_image_take_its_nearest_edge_voxel():
     size, spacing = (20, 18, 6), (1.5, 1.5, 6.0)
     source = image(size, spacing, direction=DIRECTION, seed=4)
     labels = image(size, spacing, direction=DIRECTION, seed=5, labels=True)
-    offset = np.array([2.3, 0.0, 1.7])  # voxels along x, y, z (no rounding ties): the last two slices sample beyond the stack
+    offset = np.array([2.3, 0.0, 1.7])  # voxels along x, y, z (no rounding ties)
     u = DIRECTION @ (np.asarray(spacing) * offset)  # LPS mm
     field = sitk.GetImageFromArray(np.broadcast_to(u, arr(source).shape + (3,)).copy(), isVector=True)
     field.CopyInformation(source)
