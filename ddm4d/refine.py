@@ -214,9 +214,7 @@ def upsample_velocity(v: torch.Tensor, size: Sequence[int], smoothing: float) ->
     along each axis that grew, so exp(v) on the fine grid is as smooth as it was on the coarse one."""
     coarse = v.shape[2:]
     fine = resize_field(v, size)
-    sigmas = [smoothing * n / o if n > o else 0.0 for n, o in zip(size, coarse)]
-    if max(sigmas) == 0:
-        return fine
+    sigmas = [smoothing * n / o if n > o else 0.0 for n, o in zip(size, coarse)]  # gaussian skips zeros
     return gaussian(fine[0], sigmas)[None]
 
 

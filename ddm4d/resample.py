@@ -146,14 +146,9 @@ class Warp:
         i, j, k = [torch.floor(x + 0.5).long().clamp_(0, n - 1) for x, n in zip(self.index, self.size)]
         return array.reshape(-1)[(k * self.size[1] + j) * self.size[0] + i]
 
-    def _finish(self, out: torch.Tensor, array: torch.Tensor, default_value: float | None,
-                nearest: torch.Tensor | None = None) -> torch.Tensor:
-        if not bool(self.inside.all()):
-            if default_value is not None:
-                outside = torch.tensor(default_value, dtype=out.dtype)
-            else:
-                outside = (self._nearest(array) if nearest is None else nearest).to(out.dtype)
-            out = torch.where(self.inside, out, outside)
+    def _finish(self, out: torch.Tensor, array: torch.Tensor, default_value: float | None) -> torch.Tensor:
+        if default_value is not None and not bool(self.inside.all()):
+            out = torch.where(self.inside, out, torch.tensor(default_value, dtype=out.dtype))
         return torch.where(self.still, array.to(out.dtype), out)
 
     def linear(self, image: sitk.Image, default_value: float | None = None) -> torch.Tensor:
@@ -161,14 +156,15 @@ class Warp:
         or `default_value` (geometry.warp_image's convention)."""
         array = torch.from_numpy(sitk.GetArrayFromImage(image)).double()
         out = _linear(array[None, None].expand(len(self.still), 1, *array.shape), self.index, self.size)[:, 0]
+        if default_value is None and not bool(self.inside.all()):
+            out = torch.where(self.inside, out, self._nearest(array))
         return self._finish(out, array, default_value).float()
 
     def nearest(self, image: sitk.Image, default_value: float | None = None) -> torch.Tensor:
         """(N, z, y, x) in the image's own type (labels); beyond the image `default_value`, or without
-        one the nearest edge voxel."""
+        one the nearest edge voxel (which the clamped index already is)."""
         array = torch.from_numpy(sitk.GetArrayFromImage(image))
-        nearest = self._nearest(array)
-        return self._finish(nearest, array, default_value, nearest)
+        return self._finish(self._nearest(array), array, default_value)
 
     def jacobians(self) -> torch.Tensor:
         """det(I + grad u) of each field, float32 (N, z, y, x): central differences, one-sided at the
