@@ -105,6 +105,31 @@ def test_group_norm_in_bf16_channels_last_matches_pytorchs_and_keeps_the_layout(
     assert list(ours.state_dict()) == ["weight", "bias"]
 
 
+def test_a_strided_convolution_one_voxel_thick_is_right_in_bf16_on_the_cpu():
+    """oneDNN's bf16 kernel for a stride-2 convolution whose output's last axis is 1 (the bottom of
+    G_deform on the bundled 3D model's 16-slice grid) read memory it never wrote (torch 2.13, AMX CPUs):
+    ours runs that shape in fp32. Under autocast and with bf16 input: within bf16's rounding of a
+    float64 reference, bf16 out, the same result every call, nn.Conv3d's parameter names."""
+    from ddm4d.networks.blocks import Conv3d, conv_nd
+    torch.manual_seed(0)
+    conv = conv_nd(3, 32, 32, 3, stride=2)
+    assert isinstance(conv, Conv3d) and list(conv.state_dict()) == ["weight", "bias"]
+    conv = conv.to(memory_format=torch.channels_last_3d)
+    for shape in ((11, 32, 8, 8, 2), (2, 32, 4, 8, 1), (2, 32, 8, 3, 2), (2, 32, 8, 8, 4)):
+        x = torch.randn(shape).contiguous(memory_format=torch.channels_last_3d)
+        with torch.no_grad():
+            reference = torch.nn.functional.conv3d(x.double(), conv.weight.double(), conv.bias.double(), stride=2,
+                                                   padding=1)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                runs = [conv(x) for _ in range(3)]
+            runs.append(conv.to(torch.bfloat16)(x.to(torch.bfloat16)))
+            conv.float()
+        for y in runs:
+            assert y.dtype == torch.bfloat16 and y.shape == reference.shape
+            assert float((y.double() - reference).abs().max()) < 0.02 * float(reference.abs().max()), shape
+        assert all(torch.equal(runs[0], y) for y in runs[1:3])
+
+
 def test_wrong_dimensionality_is_a_clear_error():
     with pytest.raises(ValueError, match="3D model"):
         DDM().training_losses(torch.rand(1, 1, 16, 16), torch.rand(1, 1, 16, 16))

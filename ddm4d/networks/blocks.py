@@ -10,8 +10,40 @@ from torch import nn
 
 def conv_nd(spatial_dims: int, in_ch: int, out_ch: int, kernel_size: int = 3, stride: int = 1,
             bias: bool = True) -> nn.Module:
-    cls = {2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
+    cls = {2: nn.Conv2d, 3: Conv3d}[spatial_dims]
     return cls(in_ch, out_ch, kernel_size, stride=stride, padding=kernel_size // 2, bias=bias)
+
+
+def _bf16_on_cpu(x: torch.Tensor) -> bool:
+    if x.device.type != "cpu":
+        return False
+    if x.dtype == torch.bfloat16:
+        return True
+    try:
+        return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled() and torch.get_autocast_cpu_dtype() == torch.bfloat16
+
+
+class Conv3d(nn.Conv3d):
+    """nn.Conv3d; a strided convolution whose output is one voxel thick along an axis runs in fp32
+    where the CPU would run it in bf16. Why: oneDNN's bf16 kernel for a stride-2 convolution whose
+    output's last axis is 1 (torch 2.13, CPUs with AMX) reads memory it never wrote: values off by up
+    to 1e36 or NaN, different from run to run. The bundled 3D model's grid (16 slices) makes such a
+    layer at the bottom of G_deform, where it is 4 x 4 x 1 voxels and fp32 costs nothing. Same
+    parameters and names as nn.Conv3d: model files are unchanged."""
+
+    def _output_size(self, x: torch.Tensor) -> list[int]:
+        return [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
+                zip(x.shape[2:], self.padding, self.dilation, self.kernel_size, self.stride)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if max(self.stride) > 1 and isinstance(self.padding, tuple) and _bf16_on_cpu(x) \
+                and 1 in self._output_size(x):
+            bias = None if self.bias is None else self.bias.float()
+            with torch.autocast("cpu", enabled=False):
+                return self._conv_forward(x.float(), self.weight.float(), bias).to(torch.bfloat16)
+        return super().forward(x)
 
 
 def conv_transpose_nd(spatial_dims: int, in_ch: int, out_ch: int) -> nn.Module:
