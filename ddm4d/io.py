@@ -537,8 +537,8 @@ def write_image(image: sitk.Image, path: str | os.PathLike, compression: int | N
 
     The image goes to a temporary file in the destination folder, then os.replace puts it in place;
     parent folders are created. `compression`: None, ITK's default (NRRD and MHA compressed, NIfTI by
-    its name: .nii.gz or .nii); 0, none (NRRD and MHA raw); 1-9, compressed at that zlib level (NRRD
-    and MHA; ITK's NIfTI writer has one level whatever it is asked). Returns the path.
+    its name: .nii.gz or .nii); 0, none (NRRD and MHA raw); 1-9, compressed at that zlib level. Returns
+    the path.
     """
     if not isinstance(image, sitk.Image):
         raise TypeError(f"write_image needs a SimpleITK image, got {type(image).__name__}")
@@ -550,9 +550,32 @@ def write_image(image: sitk.Image, path: str | os.PathLike, compression: int | N
     if compression is not None and not 0 <= compression <= 9:
         raise ValueError(f"compression must be 0 (none) to 9, got {compression}")
     compress = ext in (".nrrd", ".mha") if compression is None else compression > 0
+    if ext == ".nii.gz" and compress and compression is not None:
+        return atomic_write(path, lambda tmp: _write_nifti_gz(image, tmp, compression), suffix=ext)
     level = -1 if compression is None else compression
     return atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, useCompression=compress,
                                                           compressionLevel=level), suffix=ext)
+
+
+def _write_nifti_gz(image: sitk.Image, path: str, level: int) -> None:
+    """A .nii.gz at zlib `level`: the .nii ITK writes, gzipped (a .nii.gz is exactly that).
+
+    Why not ITK's: its NIfTI writer compresses at one level whatever it is asked, 2.5x slower than
+    level 1 (a float32 frame of 128 x 128 x 32: 69 against 28 ms); writing .nii.gz files was most of
+    `ddm4d generate`'s writing time. No file name and time stamp in the gzip header: the same image
+    gives the same bytes."""
+    raw = path[:-len(".gz")]  # the temporary's name with .nii last, which ITK's NIfTI writer takes
+    try:
+        sitk.WriteImage(image, raw, useCompression=False)
+        with open(raw, "rb") as src, open(path, "wb") as out, \
+                gzip.GzipFile(filename="", mode="wb", compresslevel=level, fileobj=out, mtime=0) as dst:
+            while chunk := src.read(1 << 22):
+                dst.write(chunk)
+    finally:
+        try:
+            os.unlink(raw)
+        except FileNotFoundError:
+            pass
 
 
 def write_cine(frames: Sequence[sitk.Image], path: str | os.PathLike, frame_time: float = 1.0,

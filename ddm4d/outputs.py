@@ -86,11 +86,10 @@ def parse_outputs(outputs: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(n for n in OUTPUTS if n in names)
 
 
-#: zlib level of the NRRD files (fields, Slicer sequences) unless asked otherwise. ITK's NIfTI writer
-#: has one level whatever it is asked (the same bytes at 1, 6 and 9, SimpleITK 2.5), so .nii.gz files
-#: do not change. All outputs of 11 frames at 128 x 128 x 32 (benchmarks/end_to_end.py's pair), one
-#: process: 1.9 s and 95 MB at level 1, 2.4 s and 88 MB at 3, 4.0 s and 88 MB at 6; the sequence of
-#: frames alone, compressed by Python's zlib, 0.4 s at 1 against 2.4 s at 6
+#: zlib level of the .nii.gz and NRRD files unless asked otherwise. All outputs of 11 frames at
+#: 128 x 128 x 32 (benchmarks/end_to_end.py's pair), one process: NRRD files at level 1, 1.9 s and
+#: 95 MB, at 3, 2.4 s and 88 MB, at 6, 4.0 s and 88 MB (.nii.gz at ITK's own level in all three); the
+#: .nii.gz files at level 1 too (io.write_image), 1.75 -> 1.23 s, 95 -> 98 MB
 DEFAULT_COMPRESSION = 1
 
 
@@ -99,8 +98,7 @@ def write_outputs(result: GenerationResult, out_dir: Path, outputs: Sequence[str
     """The result folder, replaced as a whole under the rule of ddm4d.files (checked before writing).
 
     `compression`: 0, none (.nii, raw NRRD: written several times faster, 2-3x the size); 1-9, .nii.gz
-    and NRRD files at that zlib level (default DEFAULT_COMPRESSION; ITK writes .nii.gz at its own
-    level); None, ITK's default (level 6 for the NRRD files)."""
+    and NRRD files at that zlib level (default DEFAULT_COMPRESSION); None, ITK's defaults."""
     if compression is not None and not 0 <= compression <= 9:
         raise InputError(f"--compress must be 0 (none) to 9, got {compression}")
     t0 = time.perf_counter()
@@ -118,7 +116,8 @@ def write_outputs(result: GenerationResult, out_dir: Path, outputs: Sequence[str
 def _write_into(result: GenerationResult, tmp: Path, final: Path, outputs: set[str],
                 compression: int | None) -> dict[str, Any]:
     """Image files are written by a few threads: SimpleITK's writers and zlib release the GIL, and
-    compressing some 30 volumes was most of the end-to-end time (benchmarks/bench.py)."""
+    compressing some 30 volumes was most of the end-to-end time (benchmarks/bench.py). The plots are
+    drawn meanwhile: matplotlib's import and drawing are Python, which the writers leave free."""
     n = len(result.gammas)
     nifti = ".nii" if compression == 0 else ".nii.gz"
     frame_paths = [f"frames/frame_{i:03d}{nifti}" for i in range(n)]
@@ -130,24 +129,35 @@ def _write_into(result: GenerationResult, tmp: Path, final: Path, outputs: set[s
     level = 6 if compression is None else compression  # of the .seq.nrrd files, written by hand
     jobs = []
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        # the longest jobs (a file of all the frames) first, so none of them is left running alone at the end
+        if "frames_4d" in outputs:
+            jobs.append(pool.submit(write_cine, result.frames, tmp / f"frames_4d{nifti}", 1.0, compression))
+        if sequences:
+            jobs.append(pool.submit(write_sequence_nrrd, result.frames, tmp / "frames.seq.nrrd", result.gammas,
+                                    level=level))
         for frame, path in zip(result.frames, frame_paths):
             jobs.append(pool.submit(write_image, frame, tmp / path, compression))
         for fld, path in zip(result.fields, field_paths):
             jobs.append(pool.submit(write_image, fld, tmp / path, compression))
         for jac, path in zip(result.jacobians, jac_paths):
             jobs.append(pool.submit(write_image, jac, tmp / path, compression))
-        if "frames_4d" in outputs:
-            jobs.append(pool.submit(write_cine, result.frames, tmp / f"frames_4d{nifti}", 1.0, compression))
-        if sequences:
-            jobs.append(pool.submit(write_sequence_nrrd, result.frames, tmp / "frames.seq.nrrd", result.gammas,
-                                    level=level))
         for img, path in zip(labels, label_paths):
             jobs.append(pool.submit(write_image, img, tmp / path, compression))
         if labels and sequences:
             jobs.append(pool.submit(write_sequence_nrrd, labels, tmp / "labels.seq.nrrd", result.gammas,
                                     node_class="vtkMRMLLabelMapVolumeNode", level=level))
+        report = _report(result, tmp, final, outputs, compression, frame_paths, field_paths, jac_paths, label_paths)
         for job in jobs:
             job.result()  # the first failure, in order
+    return report
+
+
+def _report(result: GenerationResult, tmp: Path, final: Path, outputs: set[str], compression: int | None,
+            frame_paths: list[str], field_paths: list[str], jac_paths: list[str],
+            label_paths: list[str]) -> dict[str, Any]:
+    """report.json's content, and the files it points to that are not images (score, volumes, plots)."""
+    nifti = ".nii" if compression == 0 else ".nii.gz"
+    labels, sequences = bool(label_paths), "sequences" in outputs
     report: dict[str, Any] = {
         "gammas": result.gammas, "frames": [str(final / p) for p in frame_paths],
         "fields": [str(final / p) for p in field_paths], "jacobians": [str(final / p) for p in jac_paths],
