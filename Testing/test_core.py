@@ -105,29 +105,53 @@ def test_group_norm_in_bf16_channels_last_matches_pytorchs_and_keeps_the_layout(
     assert list(ours.state_dict()) == ["weight", "bias"]
 
 
+def _bf16_against_float64(layer, x: torch.Tensor, reference) -> None:
+    """The layer under CPU bf16 autocast: output, input and weight gradients within bf16's rounding
+    of `reference` (the same operation in float64), bf16 out, the same every call."""
+    torch.manual_seed(1)
+    runs = []
+    for _ in range(3):
+        xx = x.clone().requires_grad_(True)
+        layer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(xx)
+        grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+        y.backward(grad.to(y.dtype))
+        runs.append((y.detach(), xx.grad, layer.weight.grad.clone()))
+    x64 = x.double().requires_grad_(True)
+    w64 = layer.weight.detach().double().requires_grad_(True)
+    y64 = reference(x64, w64, layer.bias.detach().double())
+    y64.backward(grad.double())
+    assert runs[0][0].dtype == torch.bfloat16 and runs[0][0].shape == y64.shape
+    for got, want in zip(runs[0], (y64, x64.grad, w64.grad)):
+        assert float((got.double() - want).abs().max()) < 0.02 * float(want.abs().max()), tuple(x.shape)
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], run))
+
+
 def test_a_strided_convolution_one_voxel_thick_is_right_in_bf16_on_the_cpu():
     """oneDNN's bf16 kernel for a stride-2 convolution whose output's last axis is 1 (the bottom of
-    G_deform on the bundled 3D model's 16-slice grid) read memory it never wrote (torch 2.13, AMX CPUs):
-    ours runs that shape in fp32. Under autocast and with bf16 input: within bf16's rounding of a
-    float64 reference, bf16 out, the same result every call, nn.Conv3d's parameter names."""
-    from ddm4d.networks.blocks import Conv3d, conv_nd
+    G_deform on the bundled 3D model's 16-slice grid, and the input gradient of the transposed
+    convolution above it) read memory it never wrote (torch 2.13, AMX CPUs): ours run those shapes in
+    fp32. Forward and backward against float64, with nn.Conv3d's and nn.ConvTranspose3d's names."""
+    from ddm4d.networks.blocks import Conv3d, ConvTranspose3d, conv_nd, conv_transpose_nd
     torch.manual_seed(0)
-    conv = conv_nd(3, 32, 32, 3, stride=2)
-    assert isinstance(conv, Conv3d) and list(conv.state_dict()) == ["weight", "bias"]
-    conv = conv.to(memory_format=torch.channels_last_3d)
+    conv, up = conv_nd(3, 32, 32, 3, stride=2), conv_transpose_nd(3, 32, 32)
+    assert isinstance(conv, Conv3d) and isinstance(up, ConvTranspose3d)
+    assert list(conv.state_dict()) == list(up.state_dict()) == ["weight", "bias"]
+    conv, up = (m.to(memory_format=torch.channels_last_3d) for m in (conv, up))
+    F = torch.nn.functional
     for shape in ((11, 32, 8, 8, 2), (2, 32, 4, 8, 1), (2, 32, 8, 3, 2), (2, 32, 8, 8, 4)):
-        x = torch.randn(shape).contiguous(memory_format=torch.channels_last_3d)
-        with torch.no_grad():
-            reference = torch.nn.functional.conv3d(x.double(), conv.weight.double(), conv.bias.double(), stride=2,
-                                                   padding=1)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                runs = [conv(x) for _ in range(3)]
-            runs.append(conv.to(torch.bfloat16)(x.to(torch.bfloat16)))
-            conv.float()
-        for y in runs:
-            assert y.dtype == torch.bfloat16 and y.shape == reference.shape
-            assert float((y.double() - reference).abs().max()) < 0.02 * float(reference.abs().max()), shape
-        assert all(torch.equal(runs[0], y) for y in runs[1:3])
+        _bf16_against_float64(conv, torch.randn(shape).contiguous(memory_format=torch.channels_last_3d),
+                              lambda x, w, b: F.conv3d(x, w, b, stride=2, padding=1))
+    for shape in ((2, 32, 4, 4, 1), (2, 32, 8, 3, 1), (2, 32, 4, 4, 2)):
+        _bf16_against_float64(up, torch.randn(shape).contiguous(memory_format=torch.channels_last_3d),
+                              lambda x, w, b: F.conv_transpose3d(x, w, b, stride=2, padding=1, output_padding=1))
+    with torch.no_grad():  # a model cast to bf16 as a whole, without autocast
+        x = torch.randn(11, 32, 8, 8, 2)
+        reference = F.conv3d(x.double(), conv.weight.double(), conv.bias.double(), stride=2, padding=1)
+        y = conv.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and float((y.double() - reference).abs().max()) < 0.02 * float(reference.abs().max())
 
 
 def test_wrong_dimensionality_is_a_clear_error():

@@ -29,9 +29,9 @@ class Conv3d(nn.Conv3d):
     """nn.Conv3d; a strided convolution whose output is one voxel thick along an axis runs in fp32
     where the CPU would run it in bf16. Why: oneDNN's bf16 kernel for a stride-2 convolution whose
     output's last axis is 1 (torch 2.13, CPUs with AMX) reads memory it never wrote: values off by up
-    to 1e36 or NaN, different from run to run. The bundled 3D model's grid (16 slices) makes such a
-    layer at the bottom of G_deform, where it is 4 x 4 x 1 voxels and fp32 costs nothing. Same
-    parameters and names as nn.Conv3d: model files are unchanged."""
+    to 1e36 or NaN, different from run to run, in the output and in the weights' gradient. The bundled
+    3D model's grid (16 slices) makes such a layer at the bottom of G_deform, where it is 4 x 4 x 1
+    voxels and fp32 costs nothing. Same parameters and names as nn.Conv3d: model files are unchanged."""
 
     def _output_size(self, x: torch.Tensor) -> list[int]:
         return [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
@@ -40,15 +40,32 @@ class Conv3d(nn.Conv3d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if max(self.stride) > 1 and isinstance(self.padding, tuple) and _bf16_on_cpu(x) \
                 and 1 in self._output_size(x):
-            bias = None if self.bias is None else self.bias.float()
             with torch.autocast("cpu", enabled=False):
-                return self._conv_forward(x.float(), self.weight.float(), bias).to(torch.bfloat16)
+                return self._conv_forward(x.float(), self.weight.float(), _float(self.bias)).to(torch.bfloat16)
         return super().forward(x)
+
+
+class ConvTranspose3d(nn.ConvTranspose3d):
+    """nn.ConvTranspose3d; from an input one voxel thick along an axis it runs in fp32 where the CPU
+    would run it in bf16: the gradient of its input is a stride-2 convolution down to that one voxel,
+    the bf16 kernel of Conv3d's note (training's input gradients off by up to 1e36 in a sweep; bf16
+    training of the bundled 3D model's grid ended in NaN). Same parameters and names."""
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        if _bf16_on_cpu(x) and 1 in x.shape[2:] and output_size is None:
+            with torch.autocast("cpu", enabled=False):
+                return F.conv_transpose3d(x.float(), self.weight.float(), _float(self.bias), self.stride, self.padding,
+                                          self.output_padding, self.groups, self.dilation).to(torch.bfloat16)
+        return super().forward(x, output_size)
+
+
+def _float(bias: torch.Tensor | None) -> torch.Tensor | None:
+    return None if bias is None else bias.float()
 
 
 def conv_transpose_nd(spatial_dims: int, in_ch: int, out_ch: int) -> nn.Module:
     """Exact x2 upsampling transposed convolution (kernel 3, stride 2), as VoxelMorph-1 in DDM's code."""
-    cls = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[spatial_dims]
+    cls = {2: nn.ConvTranspose2d, 3: ConvTranspose3d}[spatial_dims]
     return cls(in_ch, out_ch, 3, stride=2, padding=1, output_padding=1)
 
 
