@@ -27,7 +27,7 @@ from .files import atomic_write
 
 __all__ = [
     "GeometryWarning", "ImageInfo", "read_image", "read_labels", "read_cine", "write_image",
-    "write_cine", "read_info", "check_complete", "WRITE_EXTENSIONS",
+    "write_cine", "cine_image", "read_info", "check_complete", "WRITE_EXTENSIONS",
 ]
 
 #: extensions write_image accepts (single-file formats only, so the write can be atomic)
@@ -584,6 +584,11 @@ def write_cine(frames: Sequence[sitk.Image], path: str | os.PathLike, frame_time
 
     2D frames become single slices (x, y, 1, t): NIfTI keeps time on its fourth axis, and read_cine
     reads the file back."""
+    return write_image(cine_image(frames, frame_time), path, compression)
+
+
+def cine_image(frames: Sequence[sitk.Image], frame_time: float = 1.0) -> sitk.Image:
+    """The 4D image write_cine writes: the frames joined along t, 2D frames as single slices."""
     frames = list(frames)
     if not frames:
         raise ValueError("write_cine needs at least one frame")
@@ -599,4 +604,4 @@ def write_cine(frames: Sequence[sitk.Image], path: str | os.PathLike, frame_time
     ref = same[0]
     for f in same[1:]:
         f.CopyInformation(ref)
-    return write_image(sitk.JoinSeries(same, 0.0, float(frame_time)), path, compression)
+    return sitk.JoinSeries(same, 0.0, float(frame_time))

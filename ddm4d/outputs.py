@@ -17,7 +17,7 @@ import SimpleITK as sitk
 
 from . import files
 from .errors import InputError
-from .io import write_cine, write_image
+from .io import cine_image, write_image
 from .metrics import STRUCTURE_NAMES
 
 if TYPE_CHECKING:
@@ -34,9 +34,19 @@ def write_sequence_nrrd(images: Sequence[sitk.Image], path: str | os.PathLike, i
     gzip `level` (0: raw).
 
     Slicer's volumes are 3D (it reads no 2D item): 2D images are written as single slices."""
-    images = [sitk.JoinSeries(img) if img.GetDimension() == 2 else img for img in images]
-    ref = images[0]
-    data = np.stack([sitk.GetArrayViewFromImage(img) for img in images])  # (n, k, j, i): i fastest
+    return _write_sequence(_as_volume(images[0]), [sitk.GetArrayViewFromImage(img) for img in images], path,
+                           index_values, index_name, node_class, level)
+
+
+def _as_volume(image: sitk.Image) -> sitk.Image:
+    return sitk.JoinSeries(image) if image.GetDimension() == 2 else image
+
+
+def _write_sequence(ref: sitk.Image, arrays: Sequence[np.ndarray], path: str | os.PathLike,
+                    index_values: Sequence[float], index_name: str = "gamma",
+                    node_class: str = "vtkMRMLScalarVolumeNode", level: int = 6) -> Path:
+    """write_sequence_nrrd from the items' voxels and a 3D image of their grid (`ref`)."""
+    data = np.stack(arrays).reshape((len(arrays),) + ref.GetSize()[::-1])  # (n, k, j, i): i fastest
     nrrd_type = {np.dtype("float32"): "float", np.dtype("float64"): "double", np.dtype("uint8"): "uint8",
                  np.dtype("int16"): "int16", np.dtype("uint16"): "uint16", np.dtype("int32"): "int32"}[data.dtype]
     direction = np.asarray(ref.GetDirection()).reshape(3, 3)
@@ -45,7 +55,7 @@ def write_sequence_nrrd(images: Sequence[sitk.Image], path: str | os.PathLike, i
     header = [
         "NRRD0004", "# Slicer volume sequence written by ddm4d",
         f"type: {nrrd_type}", "dimension: 4", "space: left-posterior-superior",
-        f"sizes: {' '.join(str(s) for s in ref.GetSize())} {len(images)}",
+        f"sizes: {' '.join(str(s) for s in ref.GetSize())} {len(arrays)}",
         f"space directions: {' '.join(vec(c) for c in columns)} none",
         "kinds: domain domain domain list", f'labels: "" "" "" "{index_name}"',
         "endian: little", f"encoding: {'gzip' if level > 0 else 'raw'}", f"space origin: {vec(ref.GetOrigin())}",
@@ -127,13 +137,23 @@ def _write_into(result: GenerationResult, tmp: Path, final: Path, outputs: set[s
     label_paths = [f"labels/labels_{i:03d}{nifti}" for i in range(len(labels))]
     sequences = "sequences" in outputs
     level = 6 if compression is None else compression  # of the .seq.nrrd files, written by hand
+    # Every read of the images' voxels and every copy of them happens here, before the writer threads
+    # start: SimpleITK makes an image's buffer its own (MakeUnique) to give a numpy view or to change a
+    # copy's geometry, which can swap the buffer under a thread that is writing that image (a segfault
+    # in CI once the plots were drawn during the writing). The threads then only read.
+    frame_arrays = [sitk.GetArrayViewFromImage(f) for f in result.frames]
+    label_arrays = [sitk.GetArrayViewFromImage(img) for img in labels]
+    grid = _as_volume(result.frames[0])
+    cine = cine_image(result.frames, 1.0) if "frames_4d" in outputs else None
+    volumes = result.label_volumes_ml() if labels else None
+    slices = _middle_slices(frame_arrays, grid.GetSize()) if "quicklook" in outputs else None
     jobs = []
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         # the longest jobs (a file of all the frames) first, so none of them is left running alone at the end
-        if "frames_4d" in outputs:
-            jobs.append(pool.submit(write_cine, result.frames, tmp / f"frames_4d{nifti}", 1.0, compression))
+        if cine is not None:
+            jobs.append(pool.submit(write_image, cine, tmp / f"frames_4d{nifti}", compression))
         if sequences:
-            jobs.append(pool.submit(write_sequence_nrrd, result.frames, tmp / "frames.seq.nrrd", result.gammas,
+            jobs.append(pool.submit(_write_sequence, grid, frame_arrays, tmp / "frames.seq.nrrd", result.gammas,
                                     level=level))
         for frame, path in zip(result.frames, frame_paths):
             jobs.append(pool.submit(write_image, frame, tmp / path, compression))
@@ -144,18 +164,20 @@ def _write_into(result: GenerationResult, tmp: Path, final: Path, outputs: set[s
         for img, path in zip(labels, label_paths):
             jobs.append(pool.submit(write_image, img, tmp / path, compression))
         if labels and sequences:
-            jobs.append(pool.submit(write_sequence_nrrd, labels, tmp / "labels.seq.nrrd", result.gammas,
+            jobs.append(pool.submit(_write_sequence, grid, label_arrays, tmp / "labels.seq.nrrd", result.gammas,
                                     node_class="vtkMRMLLabelMapVolumeNode", level=level))
-        report = _report(result, tmp, final, outputs, compression, frame_paths, field_paths, jac_paths, label_paths)
+        report = _report(result, tmp, final, outputs, compression, frame_paths, field_paths, jac_paths, label_paths,
+                         volumes, slices)
         for job in jobs:
             job.result()  # the first failure, in order
     return report
 
 
 def _report(result: GenerationResult, tmp: Path, final: Path, outputs: set[str], compression: int | None,
-            frame_paths: list[str], field_paths: list[str], jac_paths: list[str],
-            label_paths: list[str]) -> dict[str, Any]:
-    """report.json's content, and the files it points to that are not images (score, volumes, plots)."""
+            frame_paths: list[str], field_paths: list[str], jac_paths: list[str], label_paths: list[str],
+            volumes: list[dict[str, float]] | None, slices: list[np.ndarray] | None) -> dict[str, Any]:
+    """report.json's content, and the files it points to that are not images (score, volumes, plots),
+    from what was read of the images before the writer threads started (no image is read here)."""
     nifti = ".nii" if compression == 0 else ".nii.gz"
     labels, sequences = bool(label_paths), "sequences" in outputs
     report: dict[str, Any] = {
@@ -189,18 +211,18 @@ def _report(result: GenerationResult, tmp: Path, final: Path, outputs: set[str],
         report["labels"] = [str(final / p) for p in label_paths]
         if sequences:
             report["labels_sequence"] = str(final / "labels.seq.nrrd")
-        report.update(_write_volumes(result, tmp, final, plot="quicklook" in outputs))
-    if "quicklook" in outputs:
-        report.update(_write_quicklook(result, tmp, final))
+        report.update(_write_volumes(result.gammas, volumes, tmp, final, plot="quicklook" in outputs))
+    if slices is not None:
+        report.update(_write_quicklook(slices, tmp, final))
     return report
 
 
-def _write_volumes(result: GenerationResult, tmp: Path, final: Path, plot: bool) -> dict[str, Any]:
-    volumes = result.label_volumes_ml()
+def _write_volumes(gammas: list[float], volumes: list[dict[str, float]], tmp: Path, final: Path,
+                   plot: bool) -> dict[str, Any]:
     table = io.StringIO(newline="")
     writer = csv.writer(table)
     writer.writerow(["frame", "gamma"] + [f"{STRUCTURE_NAMES[k]} (mL)" for k in VOLUME_STRUCTURES])
-    for i, (g, v) in enumerate(zip(result.gammas, volumes)):
+    for i, (g, v) in enumerate(zip(gammas, volumes)):
         writer.writerow([i, f"{g:.4f}"] + [f"{v[k]:.3f}" for k in VOLUME_STRUCTURES])
     files.write_text(tmp / "volumes.csv", table.getvalue())
     first, last = volumes[0]["lv_blood_pool"], volumes[-1]["lv_blood_pool"]
@@ -213,7 +235,7 @@ def _write_volumes(result: GenerationResult, tmp: Path, final: Path, plot: bool)
     fig = figure(6, 3.5)
     ax = fig.subplots()
     for key in VOLUME_STRUCTURES:
-        ax.plot(result.gammas, [v[key] for v in volumes], marker="o", label=STRUCTURE_NAMES[key])
+        ax.plot(gammas, [v[key] for v in volumes], marker="o", label=STRUCTURE_NAMES[key])
     ax.set_xlabel("gamma (source to target)")
     ax.set_ylabel("volume (mL)")
     title = "Propagated label volumes"
@@ -226,18 +248,19 @@ def _write_volumes(result: GenerationResult, tmp: Path, final: Path, plot: bool)
     return {**found, "volumes_png": str(final / "volumes.png")}
 
 
-def _middle_slices(result: GenerationResult) -> list[np.ndarray]:
-    arrays = [sitk.GetArrayViewFromImage(f).reshape((-1,) + f.GetSize()[1::-1]) for f in result.frames]  # 2D: 1 slice
+def _middle_slices(frames: Sequence[np.ndarray], size: Sequence[int]) -> list[np.ndarray]:
+    """The middle slice of each frame's voxels (`size`: their grid, x, y, z), scaled to [0, 1]."""
+    arrays = [f.reshape(tuple(size)[::-1]) for f in frames]  # 2D: one slice
     k = arrays[0].shape[0] // 2
     lo, hi = np.percentile(np.stack([a[k] for a in arrays]), [1, 99])
     return [np.clip((a[k] - lo) / max(hi - lo, 1e-6), 0, 1) for a in arrays]
 
 
-def _write_quicklook(result: GenerationResult, tmp: Path, final: Path) -> dict[str, Any]:
+def _write_quicklook(middle_slices: list[np.ndarray], tmp: Path, final: Path) -> dict[str, Any]:
     """Montage PNG and animated GIF of the middle slice over the frames."""
     from PIL import Image
 
-    slices = [(255 * s).astype(np.uint8) for s in _middle_slices(result)]
+    slices = [(255 * s).astype(np.uint8) for s in middle_slices]
     frames = [Image.fromarray(s) for s in slices]
     h, w = slices[0].shape
     cols = min(len(frames), 5)
