@@ -122,6 +122,7 @@ def _bf16_against_float64(layer, x: torch.Tensor, reference) -> None:
     w64 = layer.weight.detach().double().requires_grad_(True)
     y64 = reference(x64, w64, layer.bias.detach().double())
     y64.backward(grad.double())
+    y64 = y64.detach()
     assert runs[0][0].dtype == torch.bfloat16 and runs[0][0].shape == y64.shape
     for got, want in zip(runs[0], (y64, x64.grad, w64.grad)):
         assert float((got.double() - want).abs().max()) < 0.02 * float(want.abs().max()), tuple(x.shape)
