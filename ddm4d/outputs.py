@@ -97,9 +97,8 @@ def parse_outputs(outputs: str | Sequence[str] | None) -> tuple[str, ...]:
 
 
 #: zlib level of the .nii.gz and NRRD files unless asked otherwise. All outputs of 11 frames at
-#: 128 x 128 x 32 (benchmarks/end_to_end.py's pair), one process: NRRD files at level 1, 1.9 s and
-#: 95 MB, at 3, 2.4 s and 88 MB, at 6, 4.0 s and 88 MB (.nii.gz at ITK's own level in all three); the
-#: .nii.gz files at level 1 too (io.write_image), 1.75 -> 1.23 s, 95 -> 98 MB
+#: 128 x 128 x 32 (benchmarks/end_to_end.py's pair), one process, two runs: level 1, 1.1-1.4 s and
+#: 98 MB; 3, 1.7-1.8 s and 89 MB; 6, 3.9-4.2 s and 88 MB; 9, 16 s and 87 MB; 0, 0.4-0.5 s and 231 MB
 DEFAULT_COMPRESSION = 1
 
 
