@@ -380,6 +380,43 @@ def test_gpu_out_of_memory_retries_smaller_then_falls_back_to_the_cpu(monkeypatc
     assert len(result.frames) == 4
 
 
+def test_a_bf16_pass_with_impossible_displacements_is_done_again_in_fp32(monkeypatch, capsys):
+    """A bf16 kernel that reads unwritten memory gave NaN or 1e36-voxel fields: such a pass is redone in
+    fp32, the result says fp32 and why, and an fp32 pass is never second-guessed (tested on the CPU,
+    the bf16 pass made to return what the defective kernel did)."""
+    import ddm4d.generation as gen_module
+
+    calls = []
+    real_run_on = gen_module._run_on
+
+    def defective(net, src, tgt, gammas, device, chunk_size, subtract, precision):
+        calls.append(precision)
+        run = real_run_on(net, src, tgt, gammas, device, chunk_size, subtract, precision)
+        if precision != "fp32":
+            run.generation.fields[:, :, :2] = bad
+        return run
+
+    monkeypatch.setattr(gen_module, "_run_on", defective)
+    s, t = as_image(disc()), as_image(disc(center=(30.0, 35.0), radius=10.0))
+    model = zero_field_model()
+    for bad in (float("nan"), 1e36):
+        calls.clear()
+        result = generate(s, t, model=model, frames=4, refine=False, device="cpu", precision="bf16")
+        assert calls == ["bf16", "fp32"] and result.precision == "fp32"
+        assert result.messages == ["the networks' bf16 pass gave displacements that are not finite or reach beyond "
+                                   "the grid: done again in fp32 (--precision fp32 skips bf16)"]
+        assert "done again in fp32" in capsys.readouterr().err
+        assert all(np.isfinite(sitk.GetArrayViewFromImage(f)).all() for f in result.frames + result.fields)
+    bad = 3.0  # a plausible bf16 field is kept as it is
+    calls.clear()
+    result = generate(s, t, model=model, frames=4, refine=False, device="cpu", precision="bf16")
+    assert calls == ["bf16"] and result.precision == "bf16" and result.messages == []
+    bad = float("nan")  # and fp32 runs once, whatever it gives
+    calls.clear()
+    generate(s, t, model=model, frames=4, refine=False, device="cpu", precision="fp32")
+    assert calls == ["fp32"]
+
+
 # ------------------------------------------------------------------------------- classical baselines
 
 def test_demons_recovers_a_shift_on_an_oblique_single_slice_and_symmetric_ends_are_exact():

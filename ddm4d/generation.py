@@ -175,7 +175,7 @@ def generate(source, target=None, model: Any = "default", frames: int = 10, gamm
         run = _run_model(net, src_arr, tgt_arr, model_gammas, torch_device, chunk_size, subtract_gamma0, messages,
                          precision)
         timings["code"], timings["deform"] = run.code_s, run.deform_s
-        torch_device = run.device
+        torch_device, precision = run.device, run.precision
         fields = run.generation.fields
         paths = _Paths(mapping, {g: fields[i:i + 1].float().cpu() for i, g in enumerate(model_gammas)})
         if refine:
@@ -185,6 +185,7 @@ def generate(source, target=None, model: Any = "default", frames: int = 10, gamm
                               precision)
             timings["code"] += back.code_s
             timings["deform"] += back.deform_s
+            precision = back.precision
             paths.reverse_end = back.generation.fields[:1].float().cpu()
     _check_cancel(cancel)
 
@@ -491,14 +492,28 @@ class _ModelRun:
     device: torch.device
     code_s: float
     deform_s: float
+    precision: str = "auto"  # what later passes should ask for: "fp32" once a bf16 pass was redone in fp32
 
 
 def _run_model(net: Model, src_arr, tgt_arr, gammas, device, chunk_size, subtract_gamma0, messages,
                precision="auto") -> _ModelRun:
-    """Latent code + batched deformation; on CUDA out-of-memory retry with smaller chunks, then CPU."""
+    """Latent code + batched deformation; on CUDA out-of-memory retry with smaller chunks, then CPU.
+
+    A bf16 pass whose displacements are not finite or reach beyond the grid is done again in fp32.
+    Why: a bf16 kernel of oneDNN (torch 2.13) read memory it never wrote for one shape of layer
+    (networks.blocks.Conv3d) and the fields came out NaN or 1e36 voxels; a kernel defect of another
+    shape, or of another library version, must not reach the frames either."""
     while True:
         try:
-            return _run_on(net, src_arr, tgt_arr, gammas, device, chunk_size, subtract_gamma0, precision)
+            run = _run_on(net, src_arr, tgt_arr, gammas, device, chunk_size, subtract_gamma0, precision)
+            if uses_bf16(run.device, precision, cpu_auto=True) and not _plausible(run.generation.fields):
+                messages.append("the networks' bf16 pass gave displacements that are not finite or reach beyond the "
+                                "grid: done again in fp32 (--precision fp32 skips bf16)")
+                print(f"ddm4d generate: {messages[-1]}", file=sys.stderr)
+                precision = "fp32"
+                run = _run_on(net, src_arr, tgt_arr, gammas, run.device, chunk_size, subtract_gamma0, precision)
+            run.precision = precision
+            return run
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             current = chunk_size or net.auto_chunk_size(torch.zeros((1, 1) + src_arr.shape))
@@ -525,6 +540,11 @@ def _run_on(net: Model, src_arr, tgt_arr, gammas, device, chunk_size, subtract_g
         gen = net.generate(s, t, gammas, subtract_gamma0=subtract_gamma0, chunk_size=chunk_size, code=code)
     _sync(device)
     return _ModelRun(gen, device, t1 - t0, time.perf_counter() - t1)
+
+
+def _plausible(fields: torch.Tensor) -> bool:
+    """Displacements (N, ndim, *spatial, in voxels) that are finite and shorter than the grid's extent."""
+    return bool(torch.isfinite(fields).all()) and float(fields.abs().max()) < max(fields.shape[2:])
 
 
 def _sync(device: torch.device) -> None:
