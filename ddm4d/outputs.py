@@ -17,7 +17,7 @@ import SimpleITK as sitk
 
 from . import files
 from .errors import InputError
-from .io import cine_image, write_image
+from .io import _as_3d, cine_image, write_image
 from .metrics import STRUCTURE_NAMES
 
 if TYPE_CHECKING:
@@ -34,12 +34,8 @@ def write_sequence_nrrd(images: Sequence[sitk.Image], path: str | os.PathLike, i
     gzip `level` (0: raw).
 
     Slicer's volumes are 3D (it reads no 2D item): 2D images are written as single slices."""
-    return _write_sequence(_as_volume(images[0]), [sitk.GetArrayViewFromImage(img) for img in images], path,
+    return _write_sequence(_as_3d(images[0]), [sitk.GetArrayViewFromImage(img) for img in images], path,
                            index_values, index_name, node_class, level)
-
-
-def _as_volume(image: sitk.Image) -> sitk.Image:
-    return sitk.JoinSeries(image) if image.GetDimension() == 2 else image
 
 
 def _write_sequence(ref: sitk.Image, arrays: Sequence[np.ndarray], path: str | os.PathLike,
@@ -142,7 +138,7 @@ def _write_into(result: GenerationResult, tmp: Path, final: Path, outputs: set[s
     # in CI once the plots were drawn during the writing). The threads then only read.
     frame_arrays = [sitk.GetArrayViewFromImage(f) for f in result.frames]
     label_arrays = [sitk.GetArrayViewFromImage(img) for img in labels]
-    grid = _as_volume(result.frames[0])
+    grid = _as_3d(result.frames[0])
     cine = cine_image(result.frames, 1.0) if "frames_4d" in outputs else None
     volumes = result.label_volumes_ml() if labels else None
     slices = _middle_slices(frame_arrays, grid.GetSize()) if "quicklook" in outputs else None
