@@ -186,3 +186,64 @@ def test_noisy_phantom_cases_carry_rician_noise_of_the_stated_size_on_every_fram
     again = motion.with_rician_noise(case, seed=3)
     assert np.array_equal(sitk.GetArrayViewFromImage(again.target)[0], arrays[1])  # reproducible
     assert np.array_equal(sitk.GetArrayViewFromImage(case.source)[0, :, 100:], np.full((200, 100), 100.0))  # untouched
+
+
+@pytest.mark.skipif(not motion.CINE.is_file(),
+                    reason="the real cine sample lives in ../shared/data/real-cine-2d, absent from a bare clone")
+def test_motion_noisy_real_group_is_the_128_group_with_fresh_noise_on_every_frame_and_the_same_pairs():
+    import numpy as np
+    import SimpleITK as sitk
+    clean, noisy = motion.case_group("real128", every=20), motion.case_group("real128-noisy", every=20)
+    assert [c.name for c in noisy] == [c.name for c in clean] and len(clean) == 3
+    for a, b in zip(clean, noisy):
+        assert [g for g, _, _ in a.refs] == [g for g, _, _ in b.refs]
+        pairs = [(a.source, b.source), (a.target, b.target)] + [(x, y) for (_, x, _), (_, y, _) in zip(a.refs, b.refs)]
+        diffs = []
+        for x, y in pairs:
+            assert y.GetSize() == x.GetSize() == (128, 128, 1) and y.GetSpacing() == x.GetSpacing()
+            diffs.append(sitk.GetArrayFromImage(y) - sitk.GetArrayFromImage(x))
+        lo, hi = motion._range(a.source)
+        # each frame its own noise, of about the stated size (Rician: the difference's spread ~ sigma)
+        assert all(0.5 < d.std() / (motion.NOISE_FRACTION * (hi - lo)) < 1.5 for d in diffs)
+        assert not np.allclose(diffs[0], diffs[1])
+    again = motion.case_group("real128-noisy", every=20)
+    assert np.array_equal(sitk.GetArrayViewFromImage(again[1].target), sitk.GetArrayViewFromImage(noisy[1].target))
+    with pytest.raises(ValueError, match="unknown case group"):
+        motion.case_group("real256")
+
+
+def test_smoothed_blend_reference_smooths_in_plane_only_and_keeps_geometry_and_mean():
+    """The reference's Gaussian: white noise of sigma 1 leaves with the spread a Gaussian of s pixels
+    gives it in 2D, 1 / (2 s sqrt(pi)); the mean and the grid are kept, a thick axis by its mm."""
+    import numpy as np
+    import SimpleITK as sitk
+    rng = np.random.default_rng(0)
+    image = sitk.GetImageFromArray(rng.normal(5.0, 1.0, (1, 256, 256)).astype(np.float32))
+    image.SetSpacing((1.5, 1.5, 8.0))
+    image.SetOrigin((3.0, -2.0, 1.0))
+    out = motion.smoothed(image, 2.0)
+    a = sitk.GetArrayFromImage(out)
+    assert out.GetSize() == image.GetSize() and out.GetSpacing() == image.GetSpacing() and out.GetOrigin() == image.GetOrigin()
+    assert abs(a.mean() - 5.0) < 0.01
+    assert abs(a[0, 20:-20, 20:-20].std() - 1 / (2 * 2.0 * np.sqrt(np.pi))) < 0.02
+    stack = sitk.GetImageFromArray(np.stack([np.zeros((64, 64)), np.ones((64, 64)), np.zeros((64, 64))]).astype(np.float32))
+    stack.SetSpacing((1.0, 1.0, 8.0))
+    # sigma 2 pixels = 2 mm along a z of 8 mm slices: a quarter slice, under a third of a voxel: untouched
+    a = sitk.GetArrayFromImage(motion.smoothed(stack, 2.0))
+    assert not a[0].any() and not a[2].any() and np.allclose(a[1], 1.0)
+
+
+def test_smoothed_blend_reference_runs_on_a_case_with_labels_and_moves_nothing():
+    """A reference with frames only: the benchmark scores its frames and asks it for no field."""
+    import numpy as np
+    import SimpleITK as sitk
+    a = np.zeros((1, 64, 64), np.float32)
+    a[:, 20:40, 20:40] = 100.0
+    image = sitk.GetImageFromArray(a)
+    labels = sitk.GetImageFromArray((a > 0).astype(np.uint8))
+    case = motion.Case("c", image, image * 0.5, [(0.5, image, labels)], labels, labels, "phantom2d")
+    out = motion.run_method("smoothed blend", case, [0.0, 0.5, 1.0])
+    middle = sitk.GetArrayFromImage(out.frames[0.5])
+    assert abs(middle.sum() - 0.75 * a.sum()) < 1e-2 * a.sum()  # the blend's mass, smoothed
+    assert 0 < middle[0, 20, 20] < 75.0 and abs(middle[0, 30, 30] - 75.0) < 1e-3  # edges soft, inside kept
+    assert not out.fields and motion.identical_motion(case, "smoothed blend") is None

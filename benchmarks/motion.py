@@ -17,11 +17,15 @@ Cases
   cardiac CT or 3D cine rather than a stack of thick slices; opt-in).
 - phantom2d-noisy: the phantom2d subjects with Rician noise of NOISE_FRACTION of the source's intensity
   range added to every frame independently (real-time cines have a lower SNR than the phantom; opt-in).
+- real128-noisy: the real128 pairs with the same Rician noise on every frame, the truth included (a
+  lower-SNR real cine, as real-time cines are; opt-in).
 
 Methods: initial (the source), linear blend, demons (scaled by gamma), symmetric demons (both ways,
 cross-faded), and ddm4d.generation in forward or symmetric mode with the bundled model, refinement on
 or off, or refinement alone (model none); symmetric modes join their two moved images with the default
 fade (ddm4d.fade: confidence), "linear fade" with the plain cross-fade (the default until 2026-12).
+A reference, only with --methods: "smoothed blend", the blend smoothed by a Gaussian of
+SMOOTHED_BLEND_SIGMA pixels (how much of a lead over the blend on noisy frames smoothing alone buys).
 
 Metrics: PSNR (dB) / NMSE of in-between frames (ddm4d.cine's convention: the source's range -> [-1, 1],
 data range 2), mean per case, then over cases; with labels, Dice of the ED labels carried to each
@@ -52,6 +56,7 @@ import torch
 from ddm4d import files
 from ddm4d.classical import demons_frames, linear_blend
 from ddm4d.errors import InputError
+from ddm4d.fade import smooth as fade_smooth
 from ddm4d.config import DEFAULT_FADE, RefineConfig
 from ddm4d.cine import inbetween
 from ddm4d.generation import generate
@@ -75,6 +80,11 @@ METHODS = ("initial", "blend", "demons", "symmetric demons", "forward", "symmetr
 # the source could do. "forward best gamma": the refined forward path S o exp(g v) sampled at 21 evenly
 # spaced g, each real frame scored against the path's best one: what a perfect pace along it could do.
 BOUNDS = ("forward ceiling", "forward best gamma")
+# a reference, not a method (only with --methods): the blend smoothed in-plane by a Gaussian of this many
+# pixels. On noisy frames PSNR rewards smoothing: the truth's own noise cannot be predicted, so a frame
+# without noise scores higher, and every warp with linear interpolation smooths somewhat
+SMOOTHED_BLEND_SIGMA = 0.6
+REFERENCES = ("smoothed blend",)
 
 
 @dataclass
@@ -176,6 +186,9 @@ def run_method(method: str, case: Case, gammas: list[float]) -> Output:
     if method == "blend":
         return Output(dict(zip(gammas, linear_blend(case.source, case.target, gammas))),
                       seconds=time.perf_counter() - t0)
+    if method == "smoothed blend":
+        frames = [smoothed(f, SMOOTHED_BLEND_SIGMA) for f in linear_blend(case.source, case.target, gammas)]
+        return Output(dict(zip(gammas, frames)), seconds=time.perf_counter() - t0)
     if method in ("demons", "symmetric demons"):
         frames, fields = demons_frames(case.source, case.target, gammas, symmetric=method.startswith("symmetric"))
         labels = {}
@@ -209,6 +222,16 @@ def run_method(method: str, case: Case, gammas: list[float]) -> Output:
     labels = dict(zip(gammas, result.labels)) if result.labels else {}
     return Output(dict(zip(gammas, result.frames)), dict(zip(gammas, result.fields)), labels,
                   list(result.folding_fraction), seconds, {"refinement": result.refinement})
+
+
+def smoothed(image: sitk.Image, sigma: float) -> sitk.Image:
+    """The image smoothed by a Gaussian of `sigma` in-plane pixels (thicker axes by as many mm)."""
+    spacing = image.GetSpacing()[::-1]  # (z, y, x), the array's axes
+    finest = min(spacing[1:])
+    a = torch.from_numpy(sitk.GetArrayFromImage(image).astype(np.float32))[None]
+    out = sitk.GetImageFromArray(fade_smooth(a, [sigma * finest / sp for sp in spacing])[0].numpy())
+    out.CopyInformation(image)
+    return out
 
 
 def _range(image: sitk.Image) -> tuple[float, float]:
@@ -255,7 +278,7 @@ def score(case: Case, out: Output) -> dict:
 
 def identical_motion(case: Case, method: str) -> float | None:
     """Mean displacement (mm) inside the heart when source and target are the same volume."""
-    if case.source_labels is None or method in ("initial", "blend", *BOUNDS):
+    if case.source_labels is None or method in ("initial", "blend", *BOUNDS, *REFERENCES):
         return None
     same = Case(case.name, case.source, case.source, [(0.5, case.source, None)], case.source_labels,
                 case.source_labels, case.kind)
@@ -272,6 +295,28 @@ def summarise(rows: list[dict]) -> dict:
         out["dice_worst_frame"] = float(np.min([r["dice_worst_frame"] for r in rows]))
         out["ef_error_worst"] = float(np.max([r["ef_error_points"] for r in rows]))
     return out
+
+
+GROUPS = ("real", "real128", "real128-noisy", "real-stack", "phantom2d", "phantom2d-noisy", "phantom3d", "phantom3d-iso")
+
+
+def case_group(name: str, every: int = 1, subjects2d: int = 8, subjects3d: int = 4) -> list[Case]:
+    """The cases of one group of the module's docstring (the real groups need the cine sample)."""
+    if name == "real-stack":
+        return real_stack_cases(every=every)
+    if name in ("real", "real128"):
+        return real_cases(every=every, shrink=2 if name == "real128" else 1)
+    if name == "real128-noisy":
+        return [with_rician_noise(c, seed=n) for n, c in enumerate(real_cases(every=every, shrink=2))]
+    if name == "phantom2d":
+        return phantom_cases(2, subjects2d)
+    if name == "phantom2d-noisy":
+        return [with_rician_noise(c, seed=n) for n, c in enumerate(phantom_cases(2, subjects2d))]
+    if name == "phantom3d":
+        return phantom_cases(3, subjects3d)
+    if name == "phantom3d-iso":
+        return phantom_cases(3, subjects3d, isotropic=True)
+    raise ValueError(f"unknown case group {name}; choose from {', '.join(GROUPS)}")
 
 
 def main(argv=None) -> int:
@@ -300,27 +345,17 @@ def main(argv=None) -> int:
                                                    for k, v in json.loads(args.refine_config).items()})
     torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(METHODS) - set(BOUNDS))
+    unknown = sorted(set(methods) - set(METHODS) - set(BOUNDS) - set(REFERENCES))
     if unknown:
-        parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS + BOUNDS)}")
+        parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS + BOUNDS + REFERENCES)}")
     groups: dict[str, list[Case]] = {}
     for name in args.cases.split(","):
-        if name in ("real", "real128", "real-stack"):
-            if not CINE.is_file():
-                print(f"skipping {name}: {CINE} is absent", file=sys.stderr)
-                continue
-            groups[name] = (real_stack_cases(every=args.every) if name == "real-stack" else
-                            real_cases(every=args.every, shrink=2 if name == "real128" else 1))
-        elif name == "phantom2d":
-            groups["phantom2d"] = phantom_cases(2, args.subjects2d)
-        elif name == "phantom2d-noisy":
-            groups[name] = [with_rician_noise(c, seed=n) for n, c in enumerate(phantom_cases(2, args.subjects2d))]
-        elif name == "phantom3d":
-            groups["phantom3d"] = phantom_cases(3, args.subjects3d)
-        elif name == "phantom3d-iso":
-            groups[name] = phantom_cases(3, args.subjects3d, isotropic=True)
-        else:
+        if name not in GROUPS:
             parser.error(f"unknown case group {name}")
+        if name.startswith("real") and not CINE.is_file():
+            print(f"skipping {name}: {CINE} is absent", file=sys.stderr)
+            continue
+        groups[name] = case_group(name, args.every, args.subjects2d, args.subjects3d)
     results: dict = {"methods": methods, "model": MODEL, "precision": PRECISION, "refine_config": dataclasses.asdict(REFINE), "groups": {}}
     for group, cases in groups.items():
         results["groups"][group] = {}
