@@ -255,7 +255,7 @@ def test_refinement_starts_from_the_model_run_either_way_whichever_fits_the_pair
         model.deformation.flow.bias[1] = -3.0 if direction == "model" else 3.0
     result = generate(s, t, model=model, frames=3, device="cpu", subtract_gamma0=False)
     assert result.refinement["start"] == direction
-    assert result.refinement["smoothed"] is False  # a slice's last level is its grid
+    assert result.refinement["smoothed"] is False  # a smooth pair's path compresses nowhere near folding
     assert ("inverted" in result.motion_source) == (direction == "reversed model")
     middle = sitk.GetArrayViewFromImage(result.frames[1])
     truth = sitk.GetArrayFromImage(as_image(disc(center=(32.0, 33.5))))
@@ -567,8 +567,49 @@ def test_a_volume_velocity_is_smoothed_only_where_its_upsampled_path_would_compr
     steps = RefineConfig().squarings(3)
     assert min_det(integrate(always.velocity, steps)) > min_det(integrate(never.velocity, steps))
     assert 0.8 < float(always.velocity.abs().max() / never.velocity.abs().max()) < 1.0  # a little less motion
+    slice_fit = dict(steps=(10, 10, 10), tolerance=0.0)
     assert not refine_velocity(disc((32, 32)), disc((32, 32), center=(15.0, 17.0)), [1.5, 1.5],
-                               config=RefineConfig(upsample_min_det=0.999, steps=(10, 10, 10))).smoothed
+                               config=RefineConfig(**slice_fit)).smoothed
+
+
+def test_a_slice_velocity_that_would_fold_is_smoothed_until_its_path_stays_invertible():
+    """A slice is fitted on its own grid, and noise can make its velocity rough from one pixel to the
+    next: refinement alone folded background pixels of noisy real pairs. The last level's v is smoothed,
+    along the fitted axes only, while exp(v) (or, when the target is warped too, exp(-v)) compresses
+    below RefineConfig.upsample_min_det, and left as fitted where it does not."""
+    from ddm4d.refine import _unfolded, min_det
+
+    config = RefineConfig()
+    steps = config.squarings(2)
+    rough = torch.randn(1, 2, 32, 32, generator=torch.Generator().manual_seed(0)) * 1.5  # noise, in pixels
+    assert min_det(integrate(rough, steps)) < 0 and min_det(integrate(-rough, steps)) < 0  # folds both ways
+    v, smoothed = _unfolded(rough.clone(), rough, [32, 32], config, True, frozen=[])
+    assert smoothed and min(min_det(integrate(u, steps)) for u in (v, -v)) >= config.upsample_min_det
+    # a flow converging on one column: exp(v) compresses it too far (det J 0.03), exp(-v) does not (0.3)
+    x = torch.arange(32.0) - 16
+    converge = torch.zeros(1, 2, 32, 32)
+    converge[0, 1] = -4.0 * x * torch.exp(-x ** 2 / (2 * 1.5 ** 2))
+    assert min_det(integrate(converge, steps)) < config.upsample_min_det < min_det(integrate(-converge, steps))
+    for symmetric in (False, True):
+        v, smoothed = _unfolded(converge.clone(), converge, [32, 32], config, symmetric, frozen=[])
+        assert smoothed and min_det(integrate(v, steps)) >= config.upsample_min_det
+        assert float(v.abs().max()) > 0.8 * float(converge.abs().max())  # a little less motion, not none
+        assert torch.equal(v[0, 0], torch.zeros(32, 32))  # a zero component stays zero
+    # compressing only backwards: a forward path (the target never warped) is left as fitted
+    v, smoothed = _unfolded(-converge, -converge, [32, 32], config, False, frozen=[])
+    assert not smoothed and torch.equal(v, -converge)
+    v, smoothed = _unfolded(-converge, -converge, [32, 32], config, True, frozen=[])
+    assert smoothed and min_det(integrate(-v, steps)) >= config.upsample_min_det
+    # a frozen axis (a volume's thick slices) is not smoothed along
+    slab = torch.zeros(1, 3, 4, 32, 32)
+    slab[0, 2] = converge[0, 1]
+    slab[0, 0, 2] = 0.2  # through-plane motion of one slice: the model's, kept
+    v, smoothed = _unfolded(slab.clone(), slab, [4, 32, 32], config, False, frozen=[0])
+    assert smoothed and torch.allclose(v[0, 0], slab[0, 0]) and not v[0, 0, 1].any() and not v[0, 0, 3].any()
+    assert min_det(integrate(v, config.squarings(3))) >= config.upsample_min_det
+    # switched off: as fitted
+    off = RefineConfig(upsample_smoothing=0.0)
+    assert torch.equal(_unfolded(rough, rough, [32, 32], off, True, frozen=[])[0], rough)
 
 
 def test_network_fitting_keeps_its_best_iterate_not_its_last():

@@ -36,7 +36,7 @@ class Refinement:
     objective: list[float] = field(default_factory=list)  # per level, at its end
     steps: list[int] = field(default_factory=list)  # per level: fewer than RefineConfig's where it converged
     seconds: float = 0.0
-    smoothed: bool = False  # the last level's v smoothed on its way to the full grid (RefineConfig.upsample_*)
+    smoothed: bool = False  # the last level's v smoothed where its path compressed too far (RefineConfig.upsample_*)
 
 
 def refinement_grid(source: sitk.Image, target: sitk.Image, config: RefineConfig = RefineConfig(),
@@ -202,11 +202,42 @@ def refine_velocity(source: torch.Tensor, target: torch.Tensor, spacing: Sequenc
             objective.append(float(loss.detach()))
         taken.append(n)
         v = resize_field(v_l.detach(), shape)  # a level's field on the full grid: the next level's start
-        if level == len(levels) - 1 and list(v_l.shape[2:]) != shape and config.upsample_smoothing > 0 \
-                and min_det(integrate(v, config.squarings(ndim))) < config.upsample_min_det:
-            v, smoothed = upsample_velocity(v_l.detach(), shape, config.upsample_smoothing), True
+        if level == len(levels) - 1:
+            v, smoothed = _unfolded(v, v_l.detach(), shape, config, symmetric, frozen)
     return Refinement(velocity=v, start=origin, objective=objective, steps=taken, seconds=time.perf_counter() - t0,
                       smoothed=smoothed)
+
+
+def _compresses(v: torch.Tensor, config: RefineConfig, symmetric: bool) -> bool:
+    """exp(v) (and, where the target is warped too, exp(-v)) compresses below config.upsample_min_det
+    somewhere on v's grid."""
+    steps = config.squarings(v.dim() - 2)
+    return any(min_det(integrate(u, steps)) < config.upsample_min_det for u in ((v, -v) if symmetric else (v,)))
+
+
+def _unfolded(v: torch.Tensor, last: torch.Tensor, shape: Sequence[int], config: RefineConfig, symmetric: bool,
+              frozen: Sequence[int]) -> tuple[torch.Tensor, bool]:
+    """The last level's velocity v on the full grid, smoothed where its path would compress too far.
+
+    Upsampled from a coarser last level (volumes), it is smoothed as upsample_velocity says. On its own
+    grid (slices), noise can make a fit rough from one pixel to the next: refinement alone on the real
+    cine with Rician noise (benchmarks/motion.py, real128-noisy) folded 1-2 background pixels near the
+    image edge in 6 of 60 pairs (det J down to -0.15; 7 squarings instead of 5 folded as much), and one
+    Gaussian of `upsample_smoothing` pixels along the fitted axes unfolded every one (det J >= 0.11).
+    Further passes, up to MAX_UNFOLD_PASSES, only while the path still compresses that far."""
+    if config.upsample_smoothing <= 0 or not _compresses(v, config, symmetric):
+        return v, False
+    if list(last.shape[2:]) != list(shape):
+        v = upsample_velocity(last, shape, config.upsample_smoothing)
+    sigmas = [0.0 if axis in frozen or n == 1 else config.upsample_smoothing for axis, n in enumerate(shape)]
+    for _ in range(MAX_UNFOLD_PASSES if list(last.shape[2:]) == list(shape) else MAX_UNFOLD_PASSES - 1):
+        if not _compresses(v, config, symmetric):
+            break
+        v = gaussian(v[0], sigmas)[None]
+    return v, True
+
+
+MAX_UNFOLD_PASSES = 3
 
 
 def upsample_velocity(v: torch.Tensor, size: Sequence[int], smoothing: float) -> torch.Tensor:
