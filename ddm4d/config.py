@@ -199,8 +199,8 @@ class RefineConfig:
     # upsampled (0: never). Only then: smoothing every volume's v shrank the motion of isotropic 2 mm
     # phantoms (|EF error| 4.8 -> 6.6 points) and cost forward refinement 0.05 dB on thick slices
     # A slice's v (fitted on its own grid) is smoothed the same way along its axes, pass after pass (at
-    # most 3), while exp(v) or, for symmetric generation, exp(-v) compresses below `upsample_min_det`:
-    # noise made refinement alone fold background pixels of noisy real pairs (ddm4d.refine._unfolded)
+    # most 3), while exp(v) or, for symmetric generation, exp(-v) folds (det J <= 0): noise made
+    # refinement alone fold background pixels of noisy real pairs (ddm4d.refine._unfolded)
     upsample_smoothing: float = 0.5
     upsample_min_det: float = 0.05
     # through-plane motion is not measurable from slices this many times thicker than the pixels: the
