@@ -226,7 +226,7 @@ def _unfolded(v: torch.Tensor, last: torch.Tensor, shape: Sequence[int], config:
     edge in 6 of 60 pairs (det J down to -0.15; 7 squarings instead of 5 folded as much), and one
     Gaussian of `upsample_smoothing` pixels along the fitted axes unfolded every one (det J >= 0.11).
     There only a fold counts: a heart that contracts strongly compresses below 0.05 without folding,
-    and smoothing it shrank the 2D phantoms' motion (|EF error| +0.1 to +0.3 points). Further passes,
+    and smoothing it shrank the 2D phantoms' motion (|EF error| +0.07 to +0.27 points). Further passes,
     up to MAX_UNFOLD_PASSES in all, only while the path still folds."""
     upsampled = list(last.shape[2:]) != list(shape)
     floor = config.upsample_min_det if upsampled else 0.0
