@@ -587,35 +587,35 @@ def test_a_slice_velocity_that_would_fold_is_smoothed_until_its_path_stays_inver
 
     rough = noise(0)
     assert min_det(integrate(rough, steps)) < 0 and min_det(integrate(-rough, steps)) < 0  # folds both ways
-    v, smoothed = _unfolded(rough.clone(), rough, [32, 32], config, True, frozen=[])
+    v, smoothed = _unfolded(rough, [32, 32], config, True, frozen=[])
     assert smoothed and min(min_det(integrate(u, steps)) for u in (v, -v)) > 0
     assert float(v.abs().max()) > 0.5 * float(rough.abs().max())  # less motion, not none
     # folding one way only: a forward path (the target never warped) minds exp(v) alone
     one_way = noise(7, 0.8)
     assert min_det(integrate(one_way, steps)) > 0 >= min_det(integrate(-one_way, steps))
-    v, smoothed = _unfolded(one_way, one_way, [32, 32], config, False, frozen=[])
+    v, smoothed = _unfolded(one_way, [32, 32], config, False, frozen=[])
     assert not smoothed and torch.equal(v, one_way)
-    v, smoothed = _unfolded(one_way, one_way, [32, 32], config, True, frozen=[])
+    v, smoothed = _unfolded(one_way, [32, 32], config, True, frozen=[])
     assert smoothed and min_det(integrate(-v, steps)) > 0
-    v, smoothed = _unfolded(-one_way, -one_way, [32, 32], config, False, frozen=[])
+    v, smoothed = _unfolded(-one_way, [32, 32], config, False, frozen=[])
     assert smoothed and min_det(integrate(v, steps)) > 0
     # a flow converging on one column compresses it to det J 0.03 without folding: kept as fitted
     x = torch.arange(32.0) - 16
     converge = torch.zeros(1, 2, 32, 32)
     converge[0, 1] = -4.0 * x * torch.exp(-x ** 2 / (2 * 1.5 ** 2))
     assert 0 < min_det(integrate(converge, steps)) < config.upsample_min_det
-    assert not _unfolded(converge, converge, [32, 32], config, True, frozen=[])[1]
+    assert not _unfolded(converge, [32, 32], config, True, frozen=[])[1]
     # a frozen axis (a volume's thick slices) is not smoothed along
     slab = torch.zeros(1, 3, 4, 32, 32)
     slab[0, 1:] = rough[0, :, None]
     slab[0, 0, 2] = 0.2  # through-plane motion of one slice: the model's, kept
     assert min_det(integrate(slab, config.squarings(3))) <= 0
-    v, smoothed = _unfolded(slab.clone(), slab, [4, 32, 32], config, False, frozen=[0])
+    v, smoothed = _unfolded(slab, [4, 32, 32], config, False, frozen=[0])
     assert smoothed and torch.allclose(v[0, 0], slab[0, 0]) and not v[0, 0, 1].any() and not v[0, 0, 3].any()
     assert min_det(integrate(v, config.squarings(3))) > 0
     # switched off: as fitted
     off = RefineConfig(upsample_smoothing=0.0)
-    assert torch.equal(_unfolded(rough, rough, [32, 32], off, True, frozen=[])[0], rough)
+    assert torch.equal(_unfolded(rough, [32, 32], off, True, frozen=[])[0], rough)
 
 
 def test_network_fitting_keeps_its_best_iterate_not_its_last():

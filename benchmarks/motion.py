@@ -306,12 +306,11 @@ def case_group(name: str, every: int = 1, subjects2d: int = 8, subjects3d: int =
         return real_stack_cases(every=every)
     if name in ("real", "real128"):
         return real_cases(every=every, shrink=2 if name == "real128" else 1)
-    if name == "real128-noisy":
-        return [with_rician_noise(c, seed=n) for n, c in enumerate(real_cases(every=every, shrink=2))]
+    if name in ("real128-noisy", "phantom2d-noisy"):
+        clean = case_group(name.removesuffix("-noisy"), every, subjects2d, subjects3d)
+        return [with_rician_noise(c, seed=n) for n, c in enumerate(clean)]
     if name == "phantom2d":
         return phantom_cases(2, subjects2d)
-    if name == "phantom2d-noisy":
-        return [with_rician_noise(c, seed=n) for n, c in enumerate(phantom_cases(2, subjects2d))]
     if name == "phantom3d":
         return phantom_cases(3, subjects3d)
     if name == "phantom3d-iso":
