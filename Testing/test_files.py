@@ -301,6 +301,21 @@ def test_own_result_files_may_be_rewritten_and_others_not(tmp_path):
         files.check_own_results(record, table, ours=ours)
 
 
+def test_result_names_with_a_dot_keep_it(tmp_path):
+    """`--out motion_s0.5` and `--out motion_s0.25` are two runs: neither may land on motion_s0.json."""
+    ours = lambda content: isinstance(content, dict) and "groups" in content  # noqa: E731
+    for stem, value in ((tmp_path / "motion_s0.5", 0.5), (tmp_path / "motion_s0.25", 0.25)):
+        files.check_results(stem, ours)
+        files.write_results(stem, {"groups": value}, f"| {value} |\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["motion_s0.25.json", "motion_s0.25.md",
+                                                          "motion_s0.5.json", "motion_s0.5.md"]
+    assert json.loads((tmp_path / "motion_s0.5.json").read_text()) == {"groups": 0.5}
+    assert files.results_paths(tmp_path / "motion_s0.5.json") == files.results_paths(tmp_path / "motion_s0.5")
+    (tmp_path / "other.json").write_text("someone else's")
+    with pytest.raises(InputError, match="not written by this program"):
+        files.check_results(tmp_path / "other", ours)
+
+
 def test_files_does_not_import_torch():
     """`ddm4d phantom` and the Slicer GUI import ddm4d.files; torch would make them slow to start."""
     code = "import sys, ddm4d.files, ddm4d.phantom; print('torch' in sys.modules)"

@@ -449,7 +449,7 @@ def _ours(record) -> bool:
 def render(name: str) -> None:
     record = HERE / "results" / f"{name}.json"
     try:
-        files.check_results(record.with_suffix(""), _ours, option="--name")
+        files.check_results(record, _ours, option="--name")
         report = json.loads(record.read_text())
     except (InputError, OSError, ValueError) as err:
         raise SystemExit(f"bench.py: error: --render {name}: {err}") from None

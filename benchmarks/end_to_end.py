@@ -157,8 +157,8 @@ def main() -> int:
         if args.out:
             files.check_results(args.out, lambda r: isinstance(r, list) and all("variant" in row for row in r))
         if args.render:
-            rows = json.loads(Path(args.out).with_suffix(".json").read_text())
-            files.write_text(Path(args.out).with_suffix(".md"), markdown(rows))
+            record, table = files.results_paths(args.out)
+            files.write_text(table, markdown(json.loads(record.read_text())))
             return 0
     except (InputError, OSError, ValueError, KeyError) as err:
         parser.error(str(err))

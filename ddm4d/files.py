@@ -440,17 +440,25 @@ def _swap(tmp: Path, real: Path, given: Path, option: str, command: str) -> None
     _remove_result(old, real)
 
 
+def results_paths(stem: str | os.PathLike) -> tuple[Path, Path]:
+    """STEM.json and STEM.md. The suffixes are added, not swapped in: `--out motion_s0.5` is
+    motion_s0.5.json, never motion_s0.json, the file of another run (`--out x.json` or `x.md` is x)."""
+    stem = Path(stem)
+    if stem.suffix in (".json", ".md"):
+        stem = stem.with_suffix("")
+    return stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".md")
+
+
 def check_results(stem: str | os.PathLike, ours: Callable[[object], bool], option: str = "--out") -> None:
     """check_own_results for a benchmark's STEM.json and STEM.md (what write_results writes)."""
-    stem = Path(stem)
-    check_own_results(stem.with_suffix(".json"), stem.with_suffix(".md"), ours=ours, option=option)
+    check_own_results(*results_paths(stem), ours=ours, option=option)
 
 
 def write_results(stem: str | os.PathLike, record: object, markdown: str) -> None:
     """A benchmark's record as STEM.json and its table as STEM.md (check_own_results first)."""
-    stem = Path(stem)
-    write_text(stem.with_suffix(".json"), json.dumps(record, indent=2))
-    write_text(stem.with_suffix(".md"), markdown)
+    record_path, table_path = results_paths(stem)
+    write_text(record_path, json.dumps(record, indent=2))
+    write_text(table_path, markdown)
 
 
 def publish_into(staging: str | os.PathLike, out: str | os.PathLike) -> None:
