@@ -618,6 +618,43 @@ def test_a_slice_velocity_that_would_fold_is_smoothed_until_its_path_stays_inver
     assert torch.equal(_unfolded(rough, [32, 32], off, True, frozen=[])[0], rough)
 
 
+def test_the_fold_penalty_is_the_paths_folds_and_keeps_a_weakly_smoothed_fit_from_folding():
+    """RefineConfig.fold_weight adds weight * mean(relu(margin - det J)^2) of the path exp(v) (both
+    ways when the target is warped too) to the fit's objective: nothing where the path stays above the
+    margin, and a fit too weakly smoothed to stay invertible by itself stays so with it."""
+    from ddm4d.geometry import jacobian_determinant
+    from ddm4d.refine import _Objective, jacobian_det, min_det
+
+    smooth = torch.randn(1, 3, 6, 12, 12, generator=torch.Generator().manual_seed(1)) * 2.0
+    assert torch.allclose(jacobian_det(smooth)[0], torch.from_numpy(jacobian_determinant(smooth[0].numpy())),
+                          atol=1e-5)
+    a, b = disc((32, 32)), disc((32, 32), center=(15.0, 18.0))
+    rough = torch.randn(1, 2, 32, 32, generator=torch.Generator().manual_seed(0)) * 1.5
+    steps = RefineConfig().squarings(2)
+    assert min_det(integrate(rough, steps)) < 0
+    plain, penalised = (_Objective(a, b, [1.0, 1.0], RefineConfig(fold_weight=w), symmetric=False) for w in (0, 100))
+    det = torch.from_numpy(jacobian_determinant(integrate(rough, steps)[0].numpy()))
+    expected = 100 * torch.relu(0.1 - det).pow(2).mean()
+    assert float(expected) > 0 and abs(float(penalised(rough) - plain(rough) - expected)) < 1e-4
+    gentle = 0.3 * disc((32, 32)).expand(1, 2, 32, 32)  # a small smooth shift: det J near 1 everywhere
+    assert float(penalised(gentle)) == pytest.approx(float(plain(gentle)), abs=1e-7)
+    both = _Objective(a, b, [1.0, 1.0], RefineConfig(fold_weight=100), symmetric=True)
+    one_way = torch.randn(1, 2, 32, 32, generator=torch.Generator().manual_seed(7)) * 0.8
+    assert min_det(integrate(one_way, steps)) > 0.1 and min_det(integrate(-one_way, steps)) < 0
+    assert float(both(one_way)) > float(_Objective(a, b, [1.0, 1.0], RefineConfig(), symmetric=True)(one_way))
+    # a fit of two noise images with almost no smoothness folds; with the penalty it does not
+    noise = [torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(k)) * 2 - 1 for k in (3, 4)]
+    weak = dict(smoothness=0.01, steps=(20, 20, 20), tolerance=0.0, upsample_smoothing=0.0)  # no guard after it
+    for symmetric in (False, True):
+        folded = refine_velocity(*noise, [1.0, 1.0], config=RefineConfig(**weak), symmetric=symmetric).velocity
+        kept = refine_velocity(*noise, [1.0, 1.0], config=RefineConfig(fold_weight=1000, **weak),
+                               symmetric=symmetric).velocity
+        assert min_det(integrate(folded, steps)) < 0
+        assert min(min_det(integrate(u, steps)) for u in ((kept, -kept) if symmetric else (kept,))) > 0
+    with pytest.raises(ValueError, match="fold_weight"):
+        RefineConfig(fold_weight=-1)
+
+
 def test_network_fitting_keeps_its_best_iterate_not_its_last():
     """A step size that wrecks the network: nothing beats the starting weights, so they come back."""
     from ddm4d.generation import fit_pair

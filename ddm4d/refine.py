@@ -21,9 +21,9 @@ import torch
 from .config import RefineConfig
 from .errors import Cancelled, InputError
 from .fade import smooth as gaussian
-from .geometry import ModelMapping, jacobian_determinant, to_model_grid
+from .geometry import ModelMapping, _det_entries, jacobian_determinant, to_model_grid
 from .losses import local_ncc
-from .svf import integrate, resize_field, resize_image
+from .svf import compose, integrate, resize_field, resize_image
 from .warp import warp
 
 
@@ -58,7 +58,8 @@ def _axis_spacing(mapping: ModelMapping) -> list[float]:
 
 
 class _Objective:
-    """-local NCC + smoothness of one pyramid level; anisotropy in mm handled per axis."""
+    """-local NCC + smoothness (+ a fold penalty, RefineConfig.fold_weight) of one pyramid level;
+    anisotropy in mm handled per axis."""
 
     def __init__(self, source, target, spacing: Sequence[float], config: RefineConfig, symmetric: bool):
         self.source, self.target, self.symmetric = source, target, symmetric
@@ -72,20 +73,40 @@ class _Objective:
         self.to_finest = ratio.view(1, -1, *([1] * len(spacing)))  # v in voxels -> in finest voxels
         self.axis_ratio = ratio.tolist()
 
-    def images(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def images(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The two images compared, and the fields that moved them."""
         steps = self.config.squarings(v.dim() - 2)
         if self.symmetric:
             # both halves in one batch: grid_sample on the CPU runs a batch of two in about 60% of the
             # time of two single calls (128 x 128 x 32 pair: a refinement step 560 -> 360 ms)
-            moved = warp(torch.cat([self.source, self.target]), integrate(torch.cat([v, -v]) / 2, steps))
-            return moved[:1], moved[1:]
-        return warp(self.source, integrate(v, steps)), self.target
+            halves = integrate(torch.cat([v, -v]) / 2, steps)
+            moved = warp(torch.cat([self.source, self.target]), halves)
+            return moved[:1], moved[1:], halves
+        phi = integrate(v, steps)
+        return warp(self.source, phi), self.target, phi
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
-        a, b = self.images(v)
+        a, b, phi = self.images(v)
         w = v * self.to_finest
         smooth = sum(torch.diff(w, dim=2 + i).pow(2).mean() / (r * r) for i, r in enumerate(self.axis_ratio))
-        return -local_ncc(a, b, self.window) + self.config.smoothness * smooth / len(self.axis_ratio)
+        loss = -local_ncc(a, b, self.window) + self.config.smoothness * smooth / len(self.axis_ratio)
+        if self.config.fold_weight > 0:
+            # the whole paths exp(v) and exp(-v), which generation uses, from the halves: halves that
+            # do not fold can compose into a path that does (on a grid, between voxels)
+            path = compose(phi, phi) if self.symmetric else phi
+            loss = loss + self.config.fold_weight * torch.relu(self.config.fold_margin - jacobian_det(path)).pow(2).mean()
+        return loss
+
+
+def jacobian_det(phi: torch.Tensor) -> torch.Tensor:
+    """det(I + grad u) at every voxel of voxel fields (N, ndim, *spatial), differentiable: central
+    differences, one-sided at the edges (geometry.jacobian_determinant's), none along a one-voxel axis."""
+    ndim = phi.dim() - 2
+    grad = [[torch.gradient(phi[:, i], dim=1 + j)[0] if phi.shape[2 + j] > 1 else torch.zeros_like(phi[:, i])
+             for j in range(ndim)] for i in range(ndim)]
+    for i in range(ndim):
+        grad[i][i] = grad[i][i] + 1.0
+    return _det_entries(grad)
 
 
 def _level_size(shape: Sequence[int], spacing: Sequence[float], factor: int) -> list[int]:
