@@ -206,7 +206,8 @@ class RefineConfig:
     # a penalty on the fit's own folds, fold_weight * mean(relu(fold_margin - det J)^2) over the path
     # exp(v) (and exp(-v) for symmetric generation), so that a weaker smoothness need not lean on the
     # guard above. 0: off. Measured with smoothness 0.5 and weight 1000 (README, "Tried"): the 2D and 3D
-    # phantoms' |EF error| fell by 0.3-0.6 points, the real pairs moved by 0.01 dB; not yet the default
+    # phantoms' |EF error| fell by 0.3-0.6 points, the real pairs moved by at most 0.01 dB, a slice's
+    # refinement took 26% longer; not the default until every table is rerun with it
     fold_weight: float = 0.0
     fold_margin: float = 0.1
     # through-plane motion is not measurable from slices this many times thicker than the pixels: the
