@@ -454,11 +454,14 @@ def test_ema_follows_its_warm_up_ramp_and_decay():
 
 
 def test_training_on_a_small_phantom_makes_the_model_move_towards_the_target(tmp_path, capsys):
-    """600 steps on 2D phantom cines (pairs from every frame, both ways, with in-between frames): the ED
-    labels carried by the trained model match the true ES labels clearly better than the untrained
-    model's (which does not move), and an identical pair stays (nearly) still. A run fed (ED, ED) pairs,
-    or one that does not learn, fails here. Fewer steps were measured to learn nothing yet: pairs from
-    the whole cine have no mean motion to learn first, the code has to carry the target."""
+    """600 steps on 2D phantom ED -> ES pairs (the paper's protocol): the ED labels carried by the
+    trained model match the true ES labels clearly better than the untrained model's (which does not
+    move), and an identical pair stays (nearly) still. A run fed (ED, ED) pairs, or one that does not
+    learn, fails here. Not the default pairs from the whole cine: they have no mean motion to learn
+    first, and 600 steps of them learned the motion on this project's earlier machines (AVX-512 with
+    native bf16) but not on one with AVX2 only (fp32 on both; there at most 0.5 mm of motion after 600
+    steps, 1.2 mm after 1200, Dice unchanged), so a CI-sized run of them cannot show learning on every
+    machine. ED -> ES learned on the AVX2 machine too (Dice 0.63 -> 0.83)."""
     from ddm4d.generation import generate
     from ddm4d.metrics import dice
     from ddm4d.phantom import make_subject, subject_seed
@@ -468,7 +471,7 @@ def test_training_on_a_small_phantom_makes_the_model_move_towards_the_target(tmp
     run = tmp_path / "run"
     code, events, err = train(capsys, data, "--out", run, "--size", 32, 32, "--spacing", 2.5, 2.5, "--device", "cpu",
                               "--iterations", 600, "--lr", 2e-3, "--checkpoint-every", 600, "--log-every", 600,
-                              "--validation-fraction", 0)
+                              "--validation-fraction", 0, "--pairs", "ed-es")
     assert code == 0, err
     trained = load_model(run / "model.safetensors")
     untrained = DDM(trained.config)
@@ -488,10 +491,13 @@ def test_training_on_a_small_phantom_makes_the_model_move_towards_the_target(tmp
     motion = np.linalg.norm(sitk.GetArrayViewFromImage(still.fields[0]), axis=-1)
     assert motion.mean() < 0.5  # mm; the same volume as source and target barely moves
     config = json.loads((run / "config.json").read_text())
-    assert config["run"]["pairs"] == "cine" and config["fingerprint"]["pairs"] == "cine"
+    assert config["run"]["pairs"] == "ed-es" and config["fingerprint"]["pairs"] == "ed-es"
 
 
 def test_paper_pairs_are_selectable_and_kept_on_resume(data2d, tmp_path, capsys):
+    code, _, err = train(capsys, data2d, "--out", tmp_path / "default", *GRID_2D, "--iterations", 1)
+    assert code == 0, err
+    assert json.loads((tmp_path / "default" / "config.json").read_text())["run"]["pairs"] == "cine"  # the default
     run = tmp_path / "run"
     code, _, err = train(capsys, data2d, "--out", run, *GRID_2D, "--iterations", 2, "--pairs", "ed-es")
     assert code == 0, err
