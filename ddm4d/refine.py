@@ -94,7 +94,8 @@ class _Objective:
             # the whole paths exp(v) and exp(-v), which generation uses, from the halves: halves that
             # do not fold can compose into a path that does (on a grid, between voxels)
             path = compose(phi, phi) if self.symmetric else phi
-            loss = loss + self.config.fold_weight * torch.relu(self.config.fold_margin - jacobian_det(path)).pow(2).mean()
+            folds = torch.relu(self.config.fold_margin - jacobian_det(path))
+            loss = loss + self.config.fold_weight * folds.pow(2).mean()
         return loss
 
 
