@@ -112,9 +112,10 @@ def test_symmetric_objective_compares_the_source_half_way_forward_with_the_targe
     from ddm4d.refine import _Objective
     source, target = disc(), disc(center=(30.0, 35.0), radius=10.0)
     v = smooth_field((64, 64), 3.0, seed=5)
-    a, b = _Objective(source, target, [1.5, 1.5], RefineConfig(), symmetric=True).images(v)
+    a, b, halves = _Objective(source, target, [1.5, 1.5], RefineConfig(), symmetric=True).images(v)
     assert torch.allclose(a, warp(source, integrate(v / 2, STEPS)), atol=1e-5)
     assert torch.allclose(b, warp(target, integrate(-v / 2, STEPS)), atol=1e-5)
+    assert torch.allclose(halves, integrate(torch.cat([v, -v]) / 2, STEPS))  # what the fold penalty composes
     assert (a - b).abs().max().item() > 0.1  # not the same image twice
 
 
