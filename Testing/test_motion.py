@@ -642,18 +642,21 @@ def test_the_fold_penalty_is_the_paths_folds_and_keeps_a_weakly_smoothed_fit_fro
     both = _Objective(a, b, [1.0, 1.0], RefineConfig(fold_weight=100), symmetric=True)
     one_way = torch.randn(1, 2, 32, 32, generator=torch.Generator().manual_seed(7)) * 0.8
     assert min_det(integrate(one_way, steps)) > 0.1 and min_det(integrate(-one_way, steps)) < 0
-    assert float(both(one_way)) > float(_Objective(a, b, [1.0, 1.0], RefineConfig(), symmetric=True)(one_way))
+    unpenalised = _Objective(a, b, [1.0, 1.0], RefineConfig(fold_weight=0), symmetric=True)
+    assert float(both(one_way)) > float(unpenalised(one_way))
     # a fit of two noise images with almost no smoothness folds; with the penalty it does not
     noise = [torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(k)) * 2 - 1 for k in (3, 4)]
     weak = dict(smoothness=0.01, steps=(20, 20, 20), tolerance=0.0, upsample_smoothing=0.0)  # no guard after it
     for symmetric in (False, True):
-        folded = refine_velocity(*noise, [1.0, 1.0], config=RefineConfig(**weak), symmetric=symmetric).velocity
+        folded = refine_velocity(*noise, [1.0, 1.0], config=RefineConfig(fold_weight=0, **weak),
+                                 symmetric=symmetric).velocity
         kept = refine_velocity(*noise, [1.0, 1.0], config=RefineConfig(fold_weight=1000, **weak),
                                symmetric=symmetric).velocity
         assert min_det(integrate(folded, steps)) < 0
         assert min(min_det(integrate(u, steps)) for u in ((kept, -kept) if symmetric else (kept,))) > 0
     with pytest.raises(ValueError, match="fold_weight"):
         RefineConfig(fold_weight=-1)
+    assert RefineConfig().fold_weight > 0  # on by default: the measured default (README, "Smoothness")
 
 
 def test_network_fitting_keeps_its_best_iterate_not_its_last():

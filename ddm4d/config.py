@@ -181,9 +181,11 @@ class RefineConfig:
     # phantom pairs: 13.7 -> 8.5 s a case, PSNR, Dice and EF as before (benchmarks/motion.py)
     tolerance: float = 5e-4
     patience: int = 10
-    # -local NCC(window, in-plane voxels) + smoothness * mean |grad v|^2 (v in in-plane voxels)
+    # -local NCC(window, in-plane voxels) + smoothness * mean |grad v|^2 (v in in-plane voxels). 0.5 with
+    # the fold penalty below (since 2026-12-08); 1 without it, where below 1 the fit folded and the guard
+    # below did the regularising (README, "Smoothness, weaker and stronger")
     window: int = 9
-    smoothness: float = 1.0
+    smoothness: float = 0.5
     # squarings of exp(v), each one grid_sample per step. Slices: v / 2^5 moves about a quarter voxel
     # per step at most for the few voxels a slice's velocity spans; 7 gave the same figures. Volumes: 7
     # (VoxelMorph's). Their velocity keeps the model's through-plane motion, whose gradients are steeper
@@ -204,11 +206,11 @@ class RefineConfig:
     upsample_smoothing: float = 0.5
     upsample_min_det: float = 0.05
     # a penalty on the fit's own folds, fold_weight * mean(relu(fold_margin - det J)^2) over the path
-    # exp(v) (and exp(-v) for symmetric generation), so that a weaker smoothness need not lean on the
-    # guard above. 0: off. Measured with smoothness 0.5 and weight 1000 (README, "Tried"): the 2D and 3D
-    # phantoms' |EF error| fell by 0.3-0.6 points, the real pairs moved by at most 0.01 dB, a slice's
-    # refinement took 26% longer; not the default until every table is rerun with it
-    fold_weight: float = 0.0
+    # exp(v) (and exp(-v) for symmetric generation), so that the weaker smoothness above need not lean on
+    # the guard. 0: off. Against smoothness 1 without it (README, "Smoothness"): the phantoms' |EF error|
+    # fell by 0.4-1.5 points (isotropic 3D 3.7 -> 2.2), the real groups' mean PSNR moved by at most
+    # 0.02 dB, a slice's refinement takes about a quarter longer
+    fold_weight: float = 1000.0
     fold_margin: float = 0.1
     # through-plane motion is not measurable from slices this many times thicker than the pixels: the
     # velocity along such an axis keeps its start (the model's, or zero); refinement moves in-plane
