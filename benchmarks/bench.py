@@ -362,7 +362,7 @@ def markdown(report: dict) -> str:
 
 # our case, the authors' case it is compared with, and what the row says
 SIDE_BY_SIDE = (
-    ("generate", "authors_generate", "10 frames (ours: `--precision auto`, bf16 on CPUs with native bf16)"),
+    ("generate", "authors_generate", "10 frames (ours: `--precision auto`, bf16 on CPUs with AMX)"),
     ("train", "authors_train", "training iteration, fp32, our loss (the default)"),
     ("train_bf16", "authors_train", "training iteration, bf16 (`--precision bf16`), our loss"),
     ("train_paper_loss", "authors_train", "training iteration, fp32, their loss (`--paper-loss`)"),
@@ -395,7 +395,7 @@ def main() -> None:
     p.add_argument("--allocator", choices=("tuned", "default"), default="tuned",
                    help="tuned: as the ddm4d CLI runs (ddm4d.allocator); default: glibc's malloc settings")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="auto: as ddm4d runs (generation in bf16 on GPUs and CPUs with native bf16; training in "
+                   help="auto: as ddm4d runs (generation in bf16 on GPUs and CPUs with AMX; training in "
                         "bf16 on GPUs); fp32 or bf16 for every case")
     p.add_argument("--name", default=None, help="results file name (default: device and size)")
     p.add_argument("--authors", metavar="CHECKOUT",

@@ -36,15 +36,22 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_has_native_bf16() -> bool:
-    """True on x86 CPUs with AVX512-BF16 or AMX (there oneDNN ran generation 1.6-1.9x faster than in
-    fp32); elsewhere bf16 has no hardware support to gain from, so fp32 stays."""
+def cpu_bf16_is_faster() -> bool:
+    """True on x86 CPUs with AMX (amx_bf16), where oneDNN ran generation 1.6-1.9x faster in bf16 than in
+    fp32. With AVX512-BF16 alone (an Intel Xeon without AMX, 2026-12-08) bf16 was 1.4x slower: 10 frames
+    at 128 x 128 x 32 took 2.91 s against 2.10 s, a training iteration 3.51 s against 2.52 s. Elsewhere
+    bf16 has no hardware support to gain from. So fp32 stays wherever there is no AMX."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
             flags = next((line for line in info if line.startswith("flags")), "").split()
     except OSError:
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bf16_faster_with(set(flags))
+
+
+def bf16_faster_with(flags: set[str]) -> bool:
+    """The rule of cpu_bf16_is_faster on a CPU's /proc/cpuinfo flags."""
+    return "amx_bf16" in flags
 
 
 def check_precision(precision: str) -> str:
@@ -55,14 +62,14 @@ def check_precision(precision: str) -> str:
 
 def uses_bf16(device: torch.device, precision: str = "auto", cpu_auto: bool = False) -> bool:
     """Whether the networks run in bf16: always on CUDA unless fp32 is asked for; on the CPU when bf16
-    is asked for, or with `cpu_auto` (a caller whose result was measured within tolerance) where the
-    CPU has native bf16."""
+    is asked for, or with `cpu_auto` (a caller whose result was measured within tolerance) where bf16
+    is faster on this CPU (cpu_bf16_is_faster)."""
     check_precision(precision)
     if precision != "auto":
         return precision == "bf16"
     if device.type == "cuda":
         return True
-    return device.type == "cpu" and cpu_auto and cpu_has_native_bf16()
+    return device.type == "cpu" and cpu_auto and cpu_bf16_is_faster()
 
 
 def autocast(device: torch.device, enabled: bool = True, precision: str = "auto", cpu_auto: bool = False):

@@ -119,8 +119,8 @@ def generate(source, target=None, model: Any = "default", frames: int = 10, gamm
         cross-faded with weights 1 - gamma and gamma) or "forward" (the paper: the source warped).
     :param refine: per-case refinement of the path (ddm4d.refine), started from the model's field (the
         model run from the source to the target and back, whichever fits the pair better).
-    :param precision: the networks' passes: "auto" (bf16 on CUDA and on CPUs with native bf16, where it
-        was measured within 0.05 dB of fp32; benchmarks/motion.py --precision), "fp32" or "bf16".
+    :param precision: the networks' passes: "auto" (bf16 on CUDA and on CPUs with AMX, where it is
+        faster and was measured within 0.05 dB of fp32; benchmarks/motion.py --precision), "fp32" or "bf16".
     :param fade: how symmetric mode joins its two moved images: "confidence" (voxel by voxel, towards
         the plain blend where the motion does not explain the pair; ddm4d.fade) or "linear".
     :param model_timing: with refinement and a model, frames sit where the model's own path is at
@@ -598,8 +598,8 @@ def add_arguments(parser) -> None:
                         help="the paper's plain behaviour: do not subtract the field at gamma = 0")
     parser.add_argument("--chunk-size", type=int, help="gammas per deformation pass (default: as many as fit)")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="the networks' passes: auto = bf16 on a GPU and on CPUs with native bf16 (AVX512-BF16, "
-                             "AMX; 1.6x faster generation measured, within 0.05 dB of fp32), else fp32 (default auto)")
+                        help="the networks' passes: auto = bf16 on a GPU and on CPUs with AMX (1.6x faster generation "
+                             "measured, within 0.05 dB of fp32), else fp32 (default auto)")
     parser.add_argument("--seed", type=int, default=0, help="seed for --fit-steps")
     parser.add_argument("--outputs", default="all", metavar="LIST",
                         help=f"what to write beside the frames and report.json: all (default), none, or a comma-"

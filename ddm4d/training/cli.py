@@ -159,7 +159,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "generation outputs (one more deformation pass per step)")
     parser.add_argument("--precision", choices=PRECISIONS,
                         help="the networks' passes: auto = bf16 on a GPU, fp32 on the CPU; bf16 = bf16 also on a "
-                        "CPU with native bf16 (AVX512-BF16, AMX: faster, benchmarks/train_bf16.md); fp32")
+                        "CPU (faster with AMX, benchmarks/train_bf16.md; slower with AVX512-BF16 alone); fp32")
     parser.add_argument("--pairs", choices=PAIR_MODES, help="cine (default): pairs i -> j from every frame of each "
                         "cine, both directions and the identity, with a real in-between frame as supervision at its "
                         "time; ed-es: the paper's ED -> ES pairs only")
