@@ -1,4 +1,5 @@
-"""The README's measured tables are the benchmarks' own output (benchmarks/readme.py), never typed."""
+"""The measured tables of the README and docs/measurements.md are the benchmarks' own output
+(benchmarks/readme.py), never typed."""
 import subprocess
 import sys
 from pathlib import Path
@@ -14,13 +15,20 @@ SPEED_RESULTS = {"benchmarks/results/cpu_128x128x32.md", "benchmarks/results/ref
                  "benchmarks/results/train_bf16.md"}
 
 
-def test_every_table_from_a_results_file_matches_that_file():
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    named = {path for path, _ in readme.blocks(text)}
-    assert SPEED_RESULTS <= named  # the speed tables are all copied, none typed
+@pytest.mark.parametrize("page", readme.PAGES, ids=lambda p: p.name)
+def test_every_table_from_a_results_file_matches_that_file(page):
+    text = page.read_text(encoding="utf-8")
     rendered, changed = readme.render(text)
     assert changed == [], f"run python benchmarks/readme.py: {changed}"
     assert rendered == text
+
+
+def test_the_readme_copies_the_speed_tables_and_links_the_full_record():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert SPEED_RESULTS - {"benchmarks/results/train_bf16.md"} <= {path for path, _ in readme.blocks(text)}
+    assert "(docs/measurements.md)" in text  # the record behind the README's figures is one link away
+    record = (ROOT / "docs" / "measurements.md").read_text(encoding="utf-8")
+    assert SPEED_RESULTS <= {path for path, _ in readme.blocks(record)}  # none typed there either
 
 
 def test_a_typed_change_is_found_and_rewritten_from_the_results_file(tmp_path):
@@ -84,7 +92,7 @@ def test_the_typed_motion_tables_match_their_results_files(results, header, grou
 
     typed = _typed_table((ROOT / "README.md").read_text(encoding="utf-8"), header)
     measured = json.loads((ROOT / "benchmarks" / "results" / f"{results}.json").read_text())["groups"]
-    assert len(typed) >= 10
+    assert set(typed) == set(MOTION_NAMES.values())  # every method, none dropped from the typed table
     for method, cells in typed.items():
         expected = []
         for group, columns in groups:

@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
-"""The README's measured tables, copied from the benchmarks' own results files, never typed.
+"""The measured tables of the README and docs/measurements.md, copied from the benchmarks' own results
+files, never typed.
 
-A block in README.md
+A block in either page
 
     <!-- table: benchmarks/results/end_to_end.md 1 -->
     | variant | wall clock (s) | ...
     <!-- end table -->
 
 holds table 1 (counting from 1) of that results file exactly as the benchmark wrote it. After a
-benchmark run, `python benchmarks/readme.py` rewrites every block from its file; `--check` changes
-nothing and lists the blocks that differ (exit 1), which is what Testing/test_readme_tables.py asserts.
+benchmark run, `python benchmarks/readme.py` rewrites every block of both pages from its file; `--check`
+changes nothing and lists the blocks that differ (exit 1), which is what Testing/test_readme_tables.py
+asserts.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+PAGES = (ROOT / "README.md", ROOT / "docs" / "measurements.md")
 sys.path.insert(0, str(ROOT))  # the ddm4d beside this script
 
 from ddm4d import files  # noqa: E402
@@ -48,10 +51,10 @@ def tables(markdown: str) -> list[str]:
 def table_of(path: str, number: int, root: Path = ROOT) -> str:
     file = root / path
     if not file.is_file():
-        raise TableError(f"README block names {path}, which does not exist; run the benchmark that writes it")
+        raise TableError(f"a table block names {path}, which does not exist; run the benchmark that writes it")
     found = tables(file.read_text(encoding="utf-8"))
     if not 1 <= number <= len(found):
-        raise TableError(f"README block asks for table {number} of {path}, which has {len(found)}")
+        raise TableError(f"a table block asks for table {number} of {path}, which has {len(found)}")
     return found[number - 1]
 
 
@@ -76,22 +79,26 @@ def blocks(readme: str) -> list[tuple[str, int]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 when a block differs")
-    parser.add_argument("--readme", default=str(ROOT / "README.md"))
+    parser.add_argument("--readme", action="append", metavar="PAGE",
+                        help="a page to fill (repeatable; default: README.md and docs/measurements.md)")
     args = parser.parse_args(argv)
-    readme = Path(args.readme)
-    try:
-        text, changed = render(readme.read_text(encoding="utf-8"))
-    except TableError as err:
-        print(f"readme.py: error: {err}", file=sys.stderr)
-        return 2
-    if args.check:
-        for name in changed:
-            print(f"{readme.name}: the table from {name} differs from its results file")
-        return 1 if changed else 0
-    if changed:
-        files.write_text(readme, text)
-    print(f"{readme.name}: {len(blocks(text))} tables from results files, {len(changed)} rewritten")
-    return 0
+    pages = [Path(p) for p in args.readme] if args.readme else list(PAGES)
+    differs = False
+    for page in pages:
+        try:
+            text, changed = render(page.read_text(encoding="utf-8"))
+        except TableError as err:
+            print(f"readme.py: error: {page.name}: {err}", file=sys.stderr)
+            return 2
+        if args.check:
+            for name in changed:
+                print(f"{page.name}: the table from {name} differs from its results file")
+            differs = differs or bool(changed)
+            continue
+        if changed:
+            files.write_text(page, text)
+        print(f"{page.name}: {len(blocks(text))} tables from results files, {len(changed)} rewritten")
+    return 1 if differs else 0
 
 
 if __name__ == "__main__":

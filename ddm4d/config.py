@@ -32,8 +32,8 @@ DEFAULT_FADE = "confidence"
 CONFIDENCE_SIGMA = 2.0  # finest-axis voxels over which the fade compares disagreements (1 to 4 measured alike)
 # where the networks run: auto (CUDA when present, else the CPU), or one of them; mps is Apple's GPU
 DEVICES = ("auto", "cpu", "cuda", "mps")
-#: precision of the networks' passes: auto (bf16 on CUDA, and on CPUs with native bf16 where the
-#: caller measured it within tolerance), fp32 or bf16
+#: precision of the networks' passes: auto (bf16 on CUDA, and on CPUs with AMX where the caller
+#: measured it within tolerance), fp32 or bf16
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -183,7 +183,7 @@ class RefineConfig:
     patience: int = 10
     # -local NCC(window, in-plane voxels) + smoothness * mean |grad v|^2 (v in in-plane voxels). 0.5 with
     # the fold penalty below (since 2026-12-08); 1 without it, where below 1 the fit folded and the guard
-    # below did the regularising (README, "Smoothness, weaker and stronger")
+    # below did the regularising (docs/measurements.md, "Smoothness, weaker and stronger")
     window: int = 9
     smoothness: float = 0.5
     # squarings of exp(v), each one grid_sample per step. Slices: v / 2^5 moves about a quarter voxel
@@ -207,9 +207,9 @@ class RefineConfig:
     upsample_min_det: float = 0.05
     # a penalty on the fit's own folds, fold_weight * mean(relu(fold_margin - det J)^2) over the path
     # exp(v) (and exp(-v) for symmetric generation), so that the weaker smoothness above need not lean on
-    # the guard. 0: off. Against smoothness 1 without it (README, "Smoothness"): the phantoms' |EF error|
-    # fell by 0.4-1.5 points (isotropic 3D 3.7 -> 2.2), the real groups' mean PSNR moved by at most
-    # 0.02 dB, a slice's refinement takes about a quarter longer
+    # the guard. 0: off. Against smoothness 1 without it (docs/measurements.md, "Smoothness"): the
+    # phantoms' |EF error| fell by 0.4-1.5 points (isotropic 3D 3.7 -> 2.2), the real groups' mean PSNR
+    # moved by at most 0.02 dB, a refinement takes about a third longer
     fold_weight: float = 1000.0
     fold_margin: float = 0.1
     # through-plane motion is not measurable from slices this many times thicker than the pixels: the
