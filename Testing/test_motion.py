@@ -656,7 +656,8 @@ def test_the_fold_penalty_is_the_paths_folds_and_keeps_a_weakly_smoothed_fit_fro
         assert min(min_det(integrate(u, steps)) for u in ((kept, -kept) if symmetric else (kept,))) > 0
     with pytest.raises(ValueError, match="fold_weight"):
         RefineConfig(fold_weight=-1)
-    assert RefineConfig().fold_weight > 0  # on by default: the measured default (README, "Smoothness")
+    # on by default: the measured default (docs/measurements.md, "Smoothness")
+    assert RefineConfig().fold_weight > 0
 
 
 def test_network_fitting_keeps_its_best_iterate_not_its_last():

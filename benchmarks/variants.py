@@ -1,4 +1,5 @@
-"""Which CPU layout is fastest for our networks (kept for the record; README "Speed" has the numbers).
+"""Which CPU layout is fastest for our networks (kept for the record; the numbers are in
+docs/measurements.md, "Speed and memory").
 
 PyTorch picks oneDNN for a 3D convolution only when batch*channels*D*H > 20480 (or batch > 1);
 otherwise it takes a slow generic path. ddm4d.model runs the networks with z last and the
